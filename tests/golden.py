@@ -1,0 +1,78 @@
+"""Access to the golden data of the official code (DESIGN contract 10) and its conversion to our inputs.
+
+The directory is `UDI_GOLDEN_DIR`, by default `../shared/golden` beside the repository. When it is
+missing, tests that need it skip on a user's machine and FAIL when the `CI` variable is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import ml_collections
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def golden_dir() -> pathlib.Path:
+  path = pathlib.Path(os.environ.get('UDI_GOLDEN_DIR', REPO.parent / 'shared' / 'golden'))
+  if not (path / 'udi_golden_small.npz').exists():
+    message = (f'golden data not found in {path}: set UDI_GOLDEN_DIR to the folder holding '
+               'udi_golden_small.npz')
+    if os.environ.get('CI'):
+      pytest.fail(message)
+    pytest.skip(message)
+  return path
+
+
+def load(name: str) -> dict[str, np.ndarray]:
+  with np.load(golden_dir() / f'{name}.npz') as data:
+    return {k: data[k] for k in data.files}
+
+
+def load_json(name: str) -> dict:
+  return json.loads((golden_dir() / f'{name}.json').read_text())
+
+
+def small_config() -> ml_collections.ConfigDict:
+  """The golden file's model: ViT-S widths at depth 2, head hidden 192, K 1024, 2 local crops, fp32."""
+  from configs import vits16
+  config = vits16.get_config()
+  config.model.depth = 2
+  config.model.head_hidden_dim = 192
+  config.model.out_dim = 1024
+  config.model.drop_path_rate = 0.0
+  config.model.dtype = 'float32'
+  config.data.num_local = 2
+  config.udi.patch_loss_norm = 'per_device'   # one device: the same as 'global'
+  return config
+
+
+def sparse_rows(dense: np.ndarray, taps: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """Dense read-out maps (..., N) -> the `taps` largest entries' (indices, weights)."""
+  idx = np.argsort(-dense, axis=-1, kind='stable')[..., :taps]
+  return idx.astype(np.int32), np.take_along_axis(dense, idx, axis=-1).astype(np.float32)
+
+
+def golden_samples(g: dict[str, np.ndarray]):
+  """The official sampling of the golden batch as our `Samples` (rows view-major, see sampling.py)."""
+  from udi_jax.method.sampling import Samples
+  src = np.concatenate([g['src_maps/0'], g['src_maps/1']])           # student rows [view0; view1]
+  num_local = (len([k for k in g if k.startswith('tgt_maps/')]) - 2) // 2
+  # Teacher view 0 reads view 1's samples (tgt_maps/1) and local crop k -> view 0 (tgt_maps/3+2k);
+  # teacher view 1 reads view 0's samples (tgt_maps/0) and local crop k -> view 1 (tgt_maps/2+2k).
+  view0 = np.concatenate([g['tgt_maps/1']] + [g[f'tgt_maps/{3 + 2 * k}'] for k in range(num_local)], 1)
+  view1 = np.concatenate([g['tgt_maps/0']] + [g[f'tgt_maps/{2 + 2 * k}'] for k in range(num_local)], 1)
+  teacher_idx, teacher_w = sparse_rows(np.concatenate([view0, view1]))
+  return Samples(student_idx=src.argmax(-1).astype(np.int32), student_mask=src.sum(-1),
+                 teacher_idx=teacher_idx, teacher_w=teacher_w, teacher_mask=teacher_w.sum(-1))
+
+
+def golden_crops(g: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """NCHW crops -> global (B, 2, H, W, 3) and local (B, n_l, h, w, 3)."""
+  nhwc = lambda k: g[f'crops/{k}'].transpose(0, 2, 3, 1)
+  num_crops = len([k for k in g if k.startswith('crops/')])
+  return (np.stack([nhwc(0), nhwc(1)], 1), np.stack([nhwc(k) for k in range(2, num_crops)], 1))

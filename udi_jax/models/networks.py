@@ -1,0 +1,99 @@
+"""The three networks of a UDI model (backbone, read-out, head) built from a config, and their params.
+
+Params are a plain dict: `{'backbone': ..., 'readout': ..., 'head': ...}`; with `shared_head=False` the
+head is replaced by `'heads': {level: ...}`, one per active level (DESIGN contract 5). Student and teacher
+have the same structure. The read-out is absent without the patch branch (`include_patch=False`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from udi_jax.models.head import DINOHead
+from udi_jax.models.readout import SRSReadout
+from udi_jax.models.vit import VisionTransformer, vit
+
+LEVELS = ('cls', 'cls_plus', 'patch')
+Params = dict[str, Any]
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  backbone: VisionTransformer
+  readout: Optional[SRSReadout]
+  head: DINOHead
+  shared_head: bool = True
+
+  @property
+  def levels(self) -> tuple[str, ...]:
+    """Active levels: cls always; patch with the read-out; cls_plus with it and a second class token."""
+    levels = ['cls']
+    if self.readout is not None:
+      if self.backbone.num_cls_tokens >= 2:
+        levels.append('cls_plus')
+      levels.append('patch')
+    return tuple(levels)
+
+  def init(self, rng: jax.Array) -> Params:
+    """Fresh params (float32). Use under `jax.eval_shape` for shapes without allocation."""
+    k_backbone, k_readout, k_head = jax.random.split(rng, 3)
+    size = self.backbone.img_size
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    params = {'backbone': self.backbone.init(k_backbone, images)['params']}
+    tokens = jnp.zeros((1, (size // self.backbone.patch_size) ** 2, self.backbone.embed_dim))
+    if self.readout is not None:
+      idx = jnp.zeros((1, 1, 1), jnp.int32)
+      params['readout'] = self.readout.init(k_readout, tokens, idx, jnp.ones((1, 1, 1)))['params']
+    init_head = lambda key: self.head.init(key, tokens[:, 0])['params']
+    if self.shared_head:
+      params['head'] = init_head(k_head)
+    else:
+      keys = jax.random.split(k_head, len(self.levels))
+      params['heads'] = {level: init_head(k) for level, k in zip(self.levels, keys)}
+    return params
+
+  def head_params(self, params: Params, level: str) -> Params:
+    return params['head'] if self.shared_head else params['heads'][level]
+
+  def embed(self, params: Params, level: str, x: jax.Array) -> jax.Array:
+    """Head bottleneck (L2-normalised, float32) of the level's head."""
+    return self.head.apply({'params': self.head_params(params, level)}, x, method=DINOHead.embed)
+
+  def project(self, params: Params, level: str, u: jax.Array) -> jax.Array:
+    """Logits of the level's head from bottleneck vectors."""
+    return self.head.apply({'params': self.head_params(params, level)}, u, method=DINOHead.project)
+
+
+def build_networks(config) -> Networks:
+  """Networks from `config.model`, `config.udi.include_patch` and `config.data.global_size`."""
+  model = config.model
+  include_patch = config.udi.include_patch
+  if model.dtype not in _DTYPES:
+    raise ValueError(f'config.model.dtype={model.dtype!r} is not supported; use one of {sorted(_DTYPES)}.')
+  if not include_patch and model.num_cls_tokens != 1:
+    raise ValueError('config.udi.include_patch=False trains plain DINO, which has one class token; '
+                     'set config.model.num_cls_tokens=1.')
+  if model.num_cls_tokens not in (1, 2):
+    raise ValueError(f'config.model.num_cls_tokens={model.num_cls_tokens} is not supported; use 1 or 2.')
+  dtype = _DTYPES[model.dtype]
+  sizes = {k: model[k] for k in ('embed_dim', 'depth', 'num_heads') if k in model}
+  backbone = vit(model.arch, patch_size=model.patch_size, num_cls_tokens=model.num_cls_tokens,
+                 img_size=config.data.global_size, drop_path_rate=model.drop_path_rate, dtype=dtype,
+                 **sizes)
+  readout = None
+  if include_patch:
+    heads = model.srs_num_heads or backbone.num_heads
+    if backbone.embed_dim % heads:
+      raise ValueError(f'config.model.srs_num_heads={heads} does not divide the width '
+                       f'{backbone.embed_dim}; choose a divisor of it (0 uses the backbone heads).')
+    readout = SRSReadout(num_heads=heads, dtype=dtype)
+  head = DINOHead(out_dim=model.out_dim, hidden_dim=model.head_hidden_dim,
+                  bottleneck_dim=model.head_bottleneck_dim, norm_last_layer=model.norm_last_layer,
+                  dtype=dtype)
+  return Networks(backbone, readout, head, shared_head=model.shared_head)
