@@ -180,3 +180,9 @@ class InputPipeline:
         raise ValueError(f'The saved input state has {key}={state[key]}, this run has {current[key]}; '
                          'resume with the same data, seed and batch size.')
     self._start(int(state['step']))
+
+
+def settings_from_config(config) -> PipelineSettings:
+  return PipelineSettings(seed=config.seed, global_batch=config.batch_size,
+                          crops=CropSettings.from_config(config), num_workers=config.data.num_workers,
+                          num_threads=config.data.num_threads)

@@ -21,6 +21,7 @@ import pathlib
 from typing import Any, Protocol, Sequence
 
 import numpy as np
+from absl import logging
 from PIL import Image
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
@@ -148,28 +149,39 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
   import tensorflow_datasets as tfds
   skip = {'image': tfds.decode.SkipDecoding()}
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, decoders=skip)
-  except Exception as e:   # tfds raises several types for a missing or unprepared dataset
-    message = str(e)
-    if 'array_record' in message.lower() or 'file format' in message.lower():
-      return _tfrecord_in_memory(name, split, data_dir)
-    raise ValueError(f'The tfds dataset {name!r} (split {split!r}) could not be opened from '
-                     f'{data_dir or "the default tfds data dir"}: prepare it with '
-                     f'`tfds build {name} --file_format=array_record'
-                     f'{" --data_dir=" + data_dir if data_dir else ""}` or set config.data.data_dir '
-                     f'to where it is prepared ({type(e).__name__}: {message[:200]}).') from e
-  return TfdsSource(source, num_classes=_label_classes(source.dataset_info, 'label'))
+    source = tfds.data_source(name, split=split, data_dir=data_dir, decoders=skip, download=False)
+    return TfdsSource(source, num_classes=_label_classes(source.dataset_info, 'label'))
+  except Exception as e:   # diagnose: unknown, not prepared, or stored as TFRecord
+    error = e
+  where = data_dir or 'the default tfds data dir (~/tensorflow_datasets)'
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:
+    raise ValueError(f'tfds does not know the dataset {name!r}; check config.data.source '
+                     f'(tfds:NAME[:SPLIT]).') from e
+  build = f'`tfds build {name} --file_format=array_record{" --data_dir=" + data_dir if data_dir else ""}`'
+  if not builder.is_prepared():
+    raise ValueError(f'The tfds dataset {name!r} is not prepared in {where}; prepare it with {build}, '
+                     'or set config.data.data_dir to where it is prepared.') from error
+  if split not in builder.info.splits:
+    raise ValueError(f'The tfds dataset {name!r} has no split {split!r}; choose one of '
+                     f'{sorted(builder.info.splits)}.') from error
+  if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
+    return _tfrecord_in_memory(builder, split)
+  raise ValueError(f'The tfds dataset {name!r} could not be opened from {where} '
+                   f'({type(error).__name__}: {str(error)[:300]}).') from error
 
 
-def _tfrecord_in_memory(name: str, split: str, data_dir: str | None) -> ArraySource | Source:
+def _tfrecord_in_memory(builder, split: str) -> Source:
   import tensorflow_datasets as tfds
-  builder = tfds.builder(name, data_dir=data_dir)
   count = builder.info.splits[split].num_examples
   if count > TFRECORD_IN_MEMORY_LIMIT:
-    raise ValueError(f'The tfds dataset {name!r} is stored as TFRecord, which has no random access, and '
-                     f'is too large ({count} examples) to hold in memory; convert it with '
-                     f'`tfds build {name} --file_format=array_record`.')
-  dataset = tfds.load(name, split=split, data_dir=data_dir, decoders={'image': tfds.decode.SkipDecoding()})
+    raise ValueError(f'The tfds dataset {builder.name!r} is stored as TFRecord, which has no random access, '
+                     f'and is too large ({count} examples) to hold in memory; convert it with '
+                     f'`tfds build {builder.name} --file_format=array_record`.')
+  logging.warning('%s is stored as TFRecord: reading split %s (%d examples) into memory once.',
+                  builder.name, split, count)
+  dataset = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
   records = [{'image': r['image'], 'label': int(r.get('label', -1))} for r in tfds.as_numpy(dataset)]
   return _ListSource(records, _label_classes(builder.info, 'label'))
 
