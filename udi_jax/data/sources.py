@@ -253,7 +253,7 @@ def decode_image(image: bytes | np.ndarray) -> Image.Image:
         elif opened.mode in ('RGBA', 'LA', 'PA') or (opened.mode == 'P' and 'transparency' in opened.info):
           rgb = opened.convert('RGBA').convert('RGB')
         else:
-          rgb = opened.convert('RGB')
+          rgb = opened if opened.mode == 'RGB' else opened.convert('RGB')
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       raise UnreadableImage(str(e)) from e
   else:
