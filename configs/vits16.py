@@ -1,15 +1,30 @@
-"""ViT-S/16 UDI, the released 300-epoch ImageNet-1K recipe (UDI_SPEC §5).
+"""ViT-S/16 UDI: the released 300-epoch ImageNet-1K recipe (UDI_SPEC §5).
 
-The model and method fields below are the official values, except the deliberate differences of
-UDI_SPEC §8 (pooled patch-loss normalisation).
+Batch 1024, 2x224 + 10x96 crops, AdamW 5e-4 x batch/256 with 10 warm-up epochs and a cosine to 1e-5,
+weight decay 0.04 -> 0.1, EMA 0.996 -> 1, teacher temperature 0.04 -> 0.07 over 30 epochs, per-tensor
+clipping at 3.0, last layer frozen for 1 epoch, drop path 0.1, norm_last_layer False, K = 65536. This
+project's defaults differ from the official code only where UDI_SPEC §8 says (crop-width bug fixed,
+patch loss normalised by the global valid count, bf16 compute instead of fp16);
+`configs/vits16.py:official` restores the official behaviour of those switches.
+
+Launch (one GPU node; TPU pods through launch/tpu_pod.sh):
+  python -m udi_jax.main --config=configs/vits16.py --workdir=runs/vits16
+  python -m udi_jax.main --config=configs/vits16.py:official --workdir=runs/vits16_official
+  python -m udi_jax.main --config=configs/vits16.py --config.data.source=imagefolder:/data/imagenet/train
+Resume: run the same command again with the same --workdir.
 """
 
 import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  del arg
+  if arg not in (None, '', 'official'):
+    raise ValueError(f'configs/vits16.py takes no argument or "official", not {arg!r}.')
   config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.batch_size = 1024                 # global batch, over all devices and processes
+  config.epochs = 300
+  config.parallel = 'shard_map'            # or 'pmap' (one process only)
 
   config.model = ml_collections.ConfigDict()
   config.model.arch = 'vit_small'          # vit_tiny | vit_small | vit_base | vit_large
@@ -23,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.norm_last_layer = False     # the released run learns g
   config.model.shared_head = True          # one head for cls, cls+ and patch (official)
   config.model.dtype = 'bfloat16'          # compute dtype; params, softmax and losses stay float32
+  config.model.remat = False               # recompute each block in the backward pass (saves memory)
 
   config.udi = ml_collections.ConfigDict()
   config.udi.alpha = 0.5                   # weight of the patch part in the cls+ target
@@ -32,9 +48,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.udi.patch_loss_norm = 'global'    # official: 'per_device'
   config.udi.student_temp = 0.1
   config.udi.center_momentum = 0.9
+  config.udi.momentum_teacher = 0.996      # EMA, cosine to 1
+  config.udi.warmup_teacher_temp = 0.04
+  config.udi.teacher_temp = 0.07
+  config.udi.warmup_teacher_temp_epochs = 30
 
-  config.seed = 0
-  config.batch_size = 1024                 # global batch, over all devices and processes
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 5e-4                   # per 256 images: peak lr = lr * batch_size / 256
+  config.optim.min_lr = 1e-5
+  config.optim.warmup_epochs = 10
+  config.optim.weight_decay = 0.04
+  config.optim.weight_decay_end = 0.1
+  config.optim.clip_grad = 3.0             # 0 disables clipping
+  config.optim.clip_mode = 'per_tensor'    # official; or 'global'
+  config.optim.freeze_last_layer_epochs = 1
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tfds:imagenet2012:train'   # or imagefolder:/path/to/train (see README)
@@ -42,9 +69,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.global_size = 224
   config.data.local_size = 96
   config.data.num_local = 10
+  config.data.max_examples = 0             # > 0: train on the first N examples only (quick runs)
   config.data.global_scale = (0.25, 1.0)
   config.data.local_scale = (0.05, 0.25)
   config.data.fix_crop_width_bug = True    # official: False (UDI_SPEC §8.5)
+  config.data.augment = True               # photometric augmentation on the device
   config.data.num_workers = 8              # grain worker processes per host
   config.data.num_threads = 4              # batches built concurrently per worker
+
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000     # also at the end of every epoch
+  config.keep_checkpoints = 3
+  config.keep_every_epochs = 50            # checkpoints kept for good (0: none)
+  config.init_from = ''                    # a workdir or checkpoint directory to start from
+
+  if arg == 'official':
+    config.data.fix_crop_width_bug = False
+    config.udi.patch_loss_norm = 'per_device'
   return config

@@ -215,6 +215,33 @@ def open_source(spec: str, data_dir: str | None = None) -> Source:
                    f'{"[:SPLIT], ".join(BUNDLED)}[:SPLIT].')
 
 
+@dataclasses.dataclass
+class Limited:
+  """The first `count` examples of a source (quick runs, tests)."""
+  source: Any
+  count: int
+
+  @property
+  def num_classes(self):
+    return self.source.num_classes
+
+  @property
+  def paths(self):
+    return getattr(self.source, 'paths', None)
+
+  def __len__(self):
+    return min(self.count, len(self.source))
+
+  def __getitem__(self, index):
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    return self.source[index]
+
+
+def limit(source: Source, count: int) -> Source:
+  return Limited(source, count) if 0 < count < len(source) else source
+
+
 def _to_uint8(array: np.ndarray) -> np.ndarray:
   if array.dtype == np.uint8:
     return array

@@ -1,0 +1,34 @@
+"""A tiny training run on bundled digits for the training tests (seconds per step on a CPU).
+
+16-px global and 8-px local crops with 4-px patches: a 4x4 global grid (2x2 windows, 4 samples) and a
+2x2 local grid (1x1 windows, 4 samples); a two-block, 32-wide ViT; 4 steps per epoch.
+"""
+
+from configs import demo
+
+
+def get_config(arg=None):
+  del arg
+  config = demo.get_config('digits')
+  config.batch_size = 16
+  config.epochs = 3
+  config.optim.warmup_epochs = 1
+  config.udi.warmup_teacher_temp_epochs = 2
+  config.model.embed_dim = 32
+  config.model.depth = 2
+  config.model.num_heads = 2
+  config.model.drop_path_rate = 0.1
+  config.model.out_dim = 64
+  config.model.head_hidden_dim = 32
+  config.model.head_bottleneck_dim = 16
+  config.udi.global_window = 2
+  config.udi.local_window = 1
+  config.data.global_size = 16
+  config.data.local_size = 8
+  config.data.num_local = 2
+  config.data.max_examples = 64
+  config.data.num_threads = 1
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 1
+  config.keep_checkpoints = 20
+  return config
