@@ -18,3 +18,21 @@ _CACHE = pathlib.Path(os.environ.get('UDI_TEST_JAX_CACHE',
 jax.config.update('jax_compilation_cache_dir', str(_CACHE))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """The shared tiny training run (DESIGN contract 12): `tests/tiny_train_config.py` trained in this process
+  on the 8 simulated devices for 2 epochs of 4 steps. Returns (config, workdir)."""
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  from tests import tiny_train_config
+  from udi_jax.train.loop import train_and_evaluate
+  config = tiny_train_config.get_config()
+  config.epochs = 2
+  workdir = tmp_path_factory.mktemp('tiny_run')
+  train_and_evaluate(config, str(workdir))
+  return config, workdir

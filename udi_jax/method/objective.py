@@ -218,10 +218,14 @@ def udi_objective(nets: Networks, settings: ObjectiveSettings, student: Params, 
       local_valid = (samples.teacher_mask[:, n_global:] > 0).astype(jnp.float32)
       metrics['valid_fraction/local'] = gsum(local_valid.sum()) / gsum(local_valid.size)
 
+  components = {k: gsum(v) for k, v in share.items()}
+  for level in levels:   # KL(teacher || student) on the global rows = cross-entropy - teacher entropy
+    metrics[f'kl/{level}'] = components[f'g_{level}'] - metrics[f'teacher_entropy/{level}']
+
   output = ObjectiveOutput(
       loss=gsum(loss_share),
       levels={k: gsum(v) for k, v in level_share.items()},
-      components={k: gsum(v) for k, v in share.items()},
+      components=components,
       centres=new_centres,
       metrics=metrics)
   return loss_share, output
