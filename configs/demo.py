@@ -17,18 +17,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'configs/demo.py takes mnist5k or digits, not {arg!r}.')
   config = vits16.get_config()
   config.batch_size = 128
-  config.epochs = 20
-  config.optim.warmup_epochs = 2
-  config.udi.warmup_teacher_temp_epochs = 5
+  config.epochs = 8
+  config.optim.warmup_epochs = 1
+  config.udi.warmup_teacher_temp_epochs = 3
   config.log_every_steps = 10
   config.checkpoint_every_steps = 0        # at the end of every epoch
   config.keep_every_epochs = 0
 
   config.model.arch = 'vit_tiny'
   config.model.patch_size = 4
-  config.model.embed_dim = 96
+  config.model.embed_dim = 64
   config.model.depth = 4
-  config.model.num_heads = 3
+  config.model.num_heads = 2
   config.model.drop_path_rate = 0.05
   config.model.out_dim = 1024
   config.model.head_hidden_dim = 256

@@ -185,3 +185,23 @@ def test_separate_heads_are_keyed_by_level():
   assert 'head' not in params and set(params['heads']) == {'cls', 'cls_plus', 'patch'}
   a, b = params['heads']['cls'], params['heads']['patch']
   assert not np.allclose(a['mlp_0']['kernel'], b['mlp_0']['kernel'])
+
+
+def test_rematerialised_blocks_give_the_same_loss_and_gradients():
+  config = tiny_config()
+  config.model.drop_path_rate = 0.2
+  crops_global, crops_local, boxes = random_batch(config, batch=2)
+  samples = draw_samples(jnp.asarray(boxes), jax.random.split(jax.random.key(1), 2),
+                         SamplingSettings.from_config(config))
+  keys = jax.random.split(jax.random.key(2), 2)
+  results = []
+  for remat in (False, True):
+    config.model.remat = remat
+    nets = build_networks(config)
+    params = nets.init(jax.random.key(0))
+    loss = lambda p: udi_objective(nets, ObjectiveSettings.from_config(config), p, p, init_centres(nets),
+                                   crops_global, crops_local, samples, 0.04, drop_path_keys=keys)[0]
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (loss0, grads0), (loss1, grads1) = results
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads1, grads0)

@@ -85,6 +85,7 @@ def build_networks(config) -> Networks:
   sizes = {k: model[k] for k in ('embed_dim', 'depth', 'num_heads') if k in model}
   backbone = vit(model.arch, patch_size=model.patch_size, num_cls_tokens=model.num_cls_tokens,
                  img_size=config.data.global_size, drop_path_rate=model.drop_path_rate, dtype=dtype,
+                 remat=model.remat,
                  **sizes)
   readout = None
   if include_patch:

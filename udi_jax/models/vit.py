@@ -189,6 +189,7 @@ class VisionTransformer(nn.Module):
   img_size: int = 224
   drop_path_rate: float = 0.0
   dtype: DType = jnp.float32
+  remat: bool = False     # recompute each block's activations in the backward pass
 
   @nn.compact
   def __call__(self, images: jax.Array, *, drop_path_keys: Optional[jax.Array] = None,
@@ -216,8 +217,9 @@ class VisionTransformer(nn.Module):
                             else jax.vmap(jax.random.fold_in, (0, None))(drop_path_keys, i))
     cls_blocks = []
     attn = None
+    block = nn.remat(Block) if self.remat else Block
     for i in range(self.depth):
-      x, attn = Block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
+      x, attn = block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
                       name=f'blocks_{i}')(x, block_keys(i))
       if self.depth - i <= return_last_blocks:
         cls_blocks.append(norm(x[:, :self.num_cls_tokens]))

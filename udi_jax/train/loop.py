@@ -78,10 +78,13 @@ def _first_non_finite(pending: list[tuple[int, dict]]) -> Optional[tuple[int, st
   return None
 
 
-def progress_line(step: int, total: int, steps_per_epoch: int, m: dict, images_per_s: float) -> str:
+def progress_line(step: int, total: int, steps_per_epoch: int, m: dict, seconds_per_step: float,
+                  batch_size: int) -> str:
   levels = ' '.join(f'{k[5:]} {m[k]:.3f}' for k in ('loss/cls', 'loss/cls_plus', 'loss/patch') if k in m)
+  eta = time.strftime('%H:%M:%S', time.gmtime(max(total - step, 0) * seconds_per_step))
   return (f'step {step}/{total} (epoch {(step - 1) // steps_per_epoch}) loss {m["loss"]:.4f} [{levels}] '
-          f'lr {m["lr"]:.2e} T_t {m["teacher_temp"]:.4f} | {images_per_s:.1f} img/s')
+          f'lr {m["lr"]:.2e} T_t {m["teacher_temp"]:.4f} | {batch_size / seconds_per_step:.1f} img/s, '
+          f'ETA {eta}')
 
 
 def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> TrainState:
@@ -172,13 +175,14 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Optional[Callable] = 
     if not fetched:
       return
     mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
-    elapsed = max(time.time() - last_log_time, 1e-9)
-    mean['images_per_s'] = (step - last_log_step) * config.batch_size / elapsed
+    seconds_per_step = max(time.time() - last_log_time, 1e-9) / max(step - last_log_step, 1)
+    mean['images_per_s'] = config.batch_size / seconds_per_step
     writer.write_scalars(step, mean)
     if primary:
       with open(workdir / 'metrics.jsonl', 'a') as f:
         f.write(json.dumps({'step': step, **mean}) + '\n')
-      print(progress_line(step, total_steps, steps_per_epoch, mean, mean['images_per_s']), flush=True)
+      print(progress_line(step, total_steps, steps_per_epoch, mean, seconds_per_step, config.batch_size),
+            flush=True)
     last_log_time, last_log_step = time.time(), step
 
   with Preemption() as preemption:
