@@ -93,6 +93,7 @@ def test_workdir_holds_config_metrics_events_and_checkpoints(tiny_run):
   assert np.isfinite(logged[8]['loss'])
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path):
   """N steps uninterrupted == k steps, SIGKILL, resume, N-k steps: identical state and data order."""
   reference = tmp_path / 'reference'
@@ -179,6 +180,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_over_localhost_equal_one_process(tmp_path):
   """2 processes x 2 devices (gloo collectives) vs 1 process x 4 devices, 3 steps on bundled images."""
   overrides = ('--config.epochs=1', '--config.data.max_examples=48')
