@@ -5,6 +5,8 @@ augmentation on. Gradients are compared at every step, not only parameters: Adam
 summed twice across devices.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -17,7 +19,6 @@ from udi_jax.data.sources import limit, open_source
 from udi_jax.train.loop import trainer_from_config
 from udi_jax.train.state import create_state
 from udi_jax.train.step import make_train_step
-import dataclasses
 
 flags.FLAGS.mark_as_parsed()
 STEPS = 3

@@ -75,7 +75,7 @@ class FileSource:
       data = pathlib.Path(self.paths[index]).read_bytes()
     except OSError as e:
       raise UnreadableImage(f'{self.paths[index]}: {e}') from e
-    return {'image': data, 'label': int(self.labels[index]), 'name': self.paths[index]}
+    return {'image': data, 'label': int(self.labels[index])}
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import json
 import pathlib
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -45,6 +45,9 @@ def trainer_from_config(config, steps_per_epoch: int) -> Trainer:
                  photometric=PhotometricSettings() if config.data.augment else None)
 
 
+PREEMPTION_CHECK_STEPS = 10   # multi-host: steps between agreeing on a SIGTERM
+
+
 class Preemption:
   """Turns SIGTERM into a flag checked at step boundaries (agreed on by all processes)."""
 
@@ -64,9 +67,13 @@ class Preemption:
   def __exit__(self, *exc):
     signal.signal(signal.SIGTERM, self._previous)
 
-  def agreed(self) -> bool:
+  def agreed(self, step: int) -> bool:
+    """Whether every process should stop after `step`. Across hosts this is a collective (a device sync),
+    so it is asked every PREEMPTION_CHECK_STEPS steps only."""
     if jax.process_count() == 1:
       return self.requested
+    if step % PREEMPTION_CHECK_STEPS:
+      return False
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
@@ -196,7 +203,7 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Optional[Callable] = 
       end_of_epoch = step % steps_per_epoch == 0
       save = (end_of_epoch or step == total_steps
               or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
-      stop = preemption.agreed()
+      stop = preemption.agreed(step)
       if save or stop or step % config.log_every_steps == 0:
         check_and_log(step)
       if save or stop:
