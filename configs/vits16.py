@@ -74,8 +74,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.local_scale = (0.05, 0.25)
   config.data.fix_crop_width_bug = True    # official: False (UDI_SPEC §8.5)
   config.data.augment = True               # photometric augmentation on the device
+  config.data.blur_radius = (0.1, 2.0)     # Gaussian blur radius range (PIL semantics), at most 2
   config.data.num_workers = 8              # grain worker processes per host
   config.data.num_threads = 4              # batches built concurrently per worker
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.train_source = 'tfds:imagenet2012:train'        # k-NN bank, linear/low-shot training split
+  config.eval.test_source = 'tfds:imagenet2012:validation'
+  config.eval.network = 'teacher'          # or 'student'
+  config.eval.tokens = ('cls',)            # k-NN features: cls (official), cls_plus, concat, avgpool
+  config.eval.knn_ks = (10, 20, 100, 200)
+  config.eval.knn_every_epochs = 0         # > 0: k-NN during training every N epochs
+  config.eval.batch_size = 256             # global, feature extraction
+  config.eval.max_train_examples = 0       # > 0: the first N only (quicker k-NN during training)
+  config.eval.max_test_examples = 0
+  config.eval.protocols = ('knn', 'linear', 'lowshot')     # --mode=eval
+  config.eval.checkpoint = ''              # --mode=eval: '' newest of --workdir, a step, or a path
+  config.eval.linear_epochs = 100
+  config.eval.linear_lr = 0.02             # per 256 examples
+  config.eval.linear_batch_size = 256
+  config.eval.lowshot_fractions = (0.01, 0.1)
+  config.eval.lowshot_split_dir = ''       # SimCLRv2 1percent.txt / 10percent.txt (ImageFolder sources)
+  config.eval.report = False               # after training: k-NN table vs raw pixels and init, pictures
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000     # also at the end of every epoch

@@ -26,13 +26,17 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session')
 def tiny_run(tmp_path_factory):
   """The shared tiny training run (DESIGN contract 12): `tests/tiny_train_config.py` trained in this process
-  on the 8 simulated devices for 2 epochs of 4 steps. Returns (config, workdir)."""
+  on the 8 simulated devices for 2 epochs of 4 steps, with k-NN after each epoch and the end-of-training
+  report (k-NN table, pictures). Returns (config, workdir)."""
   from absl import flags
   flags.FLAGS.mark_as_parsed()
   from tests import tiny_train_config
   from udi_jax.train.loop import train_and_evaluate
   config = tiny_train_config.get_config()
   config.epochs = 2
+  config.eval.knn_every_epochs = 1        # k-NN during training, logged
+  config.eval.tokens = ('cls', 'cls_plus', 'concat')
+  config.eval.report = True               # the demo's table and pictures at the end
   workdir = tmp_path_factory.mktemp('tiny_run')
   train_and_evaluate(config, str(workdir))
   return config, workdir

@@ -63,9 +63,13 @@ def wait_for_checkpoint(workdir, step, process, timeout=300):
 
 
 def metrics_by_step(workdir):
-  """The last logged metrics of every step (a resumed run logs some steps twice)."""
-  rows = [json.loads(line) for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
-  return {row['step']: row for row in rows}
+  """The logged metrics of every step, merged (a k-NN line joins its step's line; a resumed run logs
+  some steps twice, and the later line wins)."""
+  merged = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    merged.setdefault(row['step'], {}).update(row)
+  return merged
 
 
 def restore(workdir, config, step=None):

@@ -10,6 +10,7 @@ pods and under SLURM; elsewhere give `--coordinator_address=host:port --num_proc
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -23,7 +24,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/vits16.py or configs/demo.py:digits.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and results go (default: runs/<config name>).')
-flags.DEFINE_enum('mode', 'train', ['train'], 'What to run.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                  'train (resumes from the workdir), or eval: config.eval.protocols on a checkpoint '
+                  '(config.eval.checkpoint, default the newest of --workdir), results in WORKDIR/eval/.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host without TPU/SLURM).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host without TPU/SLURM).')
@@ -62,12 +65,43 @@ def main(argv):
   except ConfigError as e:
     print(f'Config error: {e}', file=sys.stderr)
     sys.exit(2)
+  if FLAGS.mode == 'eval':
+    evaluate_checkpoint(config, pathlib.Path(workdir))
+    return
   from udi_jax.train.loop import train_and_evaluate   # after jax.distributed.initialize
   try:
     train_and_evaluate(config, workdir)
   except FloatingPointError as e:
     print(f'Training stopped: {e}', file=sys.stderr)
     sys.exit(1)
+
+
+def evaluate_checkpoint(config, workdir: pathlib.Path) -> dict:
+  """Restores a checkpoint's network (config.eval.network) and runs config.eval.protocols on it."""
+  import numpy as np
+  from udi_jax.evaluate import run as evaluation
+  from udi_jax.train.checkpoint import Checkpoints
+  from udi_jax.train.loop import trainer_from_config
+  from udi_jax.train.state import abstract_state
+  directory, step = evaluation.newest_or(config.eval.checkpoint, workdir)
+  if not directory.is_dir():
+    print(f'No checkpoints in {directory}: train first, or set --config.eval.checkpoint to a run.',
+          file=sys.stderr)
+    sys.exit(2)
+  trainer = trainer_from_config(config, steps_per_epoch=1)      # shapes only
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  checkpoints = Checkpoints(directory, asynchronous=False)
+  state, _, step = checkpoints.restore(abstract_state(trainer.nets, trainer.tx, mesh), step)
+  checkpoints.close()
+  params = state.teacher if config.eval.network == 'teacher' else state.student
+  name = f'step{step}_{config.eval.network}'
+  results = evaluation.evaluate(config, trainer.nets, jax.device_get(params), workdir, name,
+                                tuple(config.eval.protocols))
+  if jax.process_index() == 0:
+    summary = {k: results[k] for k in ('knn', 'linear', 'lowshot') if k in results}
+    print(json.dumps(summary, indent=1, default=float)[:4000])
+    print(f'Results: {workdir / "eval" / (name + ".json")}', flush=True)
+  return results
 
 
 if __name__ == '__main__':

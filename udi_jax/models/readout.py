@@ -37,7 +37,8 @@ class AttnReadout(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, normed: jax.Array, idx: jax.Array, weights: jax.Array) -> jax.Array:
+  def __call__(self, normed: jax.Array, idx: jax.Array, weights: jax.Array,
+               return_attention: bool = False):
     rows, num_tokens, width = normed.shape
     head_dim = width // self.num_heads
     qkv = dense(3 * width, 'qkv', self.dtype)(normed).reshape(rows, num_tokens, 3, width)
@@ -49,15 +50,18 @@ class AttnReadout(nn.Module):
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = jnp.einsum('bhsn,bnhd->bshd', attn.astype(self.dtype), v).reshape(rows, -1, width)
     residual = gather_rows(normed, idx, weights)
-    return layer_norm('norm', self.dtype)(residual + dense(width, 'proj', self.dtype)(out))
+    readout = layer_norm('norm', self.dtype)(residual + dense(width, 'proj', self.dtype)(out))
+    return (readout, attn) if return_attention else readout
 
 
 class SRSReadout(nn.Module):
-  """patch tokens (R, N, D) before the ViT's final norm, idx/weights (R, S, J) -> read-outs (R, S, D)."""
+  """patch tokens (R, N, D) before the ViT's final norm, idx/weights (R, S, J) -> read-outs (R, S, D),
+  and with `return_attention` also the attention (R, H, S, N) of each read-out point."""
   num_heads: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, patch_tokens: jax.Array, idx: jax.Array, weights: jax.Array) -> jax.Array:
+  def __call__(self, patch_tokens: jax.Array, idx: jax.Array, weights: jax.Array,
+               return_attention: bool = False):
     normed = layer_norm('norm1', self.dtype)(patch_tokens.astype(self.dtype))
-    return AttnReadout(self.num_heads, self.dtype, name='attn')(normed, idx, weights)
+    return AttnReadout(self.num_heads, self.dtype, name='attn')(normed, idx, weights, return_attention)

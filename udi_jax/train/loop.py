@@ -42,7 +42,8 @@ def trainer_from_config(config, steps_per_epoch: int) -> Trainer:
                       schedules.weight_decay_at, schedules.last_layer_trainable)
   return Trainer(nets=build_networks(config), objective=ObjectiveSettings.from_config(config),
                  sampling=SamplingSettings.from_config(config), schedules=schedules, tx=tx, seed=config.seed,
-                 photometric=PhotometricSettings() if config.data.augment else None)
+                 photometric=(PhotometricSettings(blur_radius=tuple(config.data.blur_radius))
+                              if config.data.augment else None))
 
 
 PREEMPTION_CHECK_STEPS = 10   # multi-host: steps between agreeing on a SIGTERM
@@ -159,7 +160,7 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Optional[Callable] = 
   if step_hook is not None:
     train_step = step_hook(train_step)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not primary)
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_steps=config.log_every_steps)
   if primary:
     print(f'Training {total_steps} steps ({config.epochs} epochs x {steps_per_epoch}) from step {start}; '
@@ -192,6 +193,21 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Optional[Callable] = 
             flush=True)
     last_log_time, last_log_step = time.time(), step
 
+  network = lambda st: st.teacher if config.eval.network == 'teacher' else st.student
+
+  def knn_now(step: int):
+    from udi_jax.evaluate import run as evaluation   # only when asked: opens the evaluation splits
+    train, test = evaluation.eval_sources(config)
+    tokens = evaluation.token_kinds(config, trainer.nets)
+    results = evaluation.knn_results(trainer.nets, network(state)['backbone'], train, test, config, tokens)
+    flat = {f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()}
+    writer.write_scalars(step, flat)
+    if primary:
+      with open(workdir / 'metrics.jsonl', 'a') as f:
+        f.write(json.dumps({'step': step, **flat}) + '\n')
+      print(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@20 {r.get("top1@20", float("nan")):.2f}'
+                                                   for t, r in results.items()), flush=True)
+
   with Preemption() as preemption:
     step = start
     while step < total_steps:
@@ -199,7 +215,7 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Optional[Callable] = 
       state, metrics = train_step(state, batch)
       step += 1
       pending.append((step, metrics))
-      report(step)
+      progress(step)
       end_of_epoch = step % steps_per_epoch == 0
       save = (end_of_epoch or step == total_steps
               or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
@@ -211,8 +227,28 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Optional[Callable] = 
       if stop:
         logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
         break
+      every = config.eval.knn_every_epochs
+      if end_of_epoch and every and (step // steps_per_epoch) % every == 0:
+        knn_now(step)
   checkpoints.wait()
   checkpoints.close()
   pipeline.close()
   writer.flush()
+  if config.eval.report and step == total_steps:
+    final_report(config, trainer, state, mesh, workdir)
   return state
+
+
+def final_report(config, trainer: Trainer, state: TrainState, mesh: Mesh, workdir: pathlib.Path):
+  """After training: the k-NN table (raw pixels, initialisation, trained network) and pictures."""
+  from udi_jax.evaluate import run as evaluation
+  init = create_state(trainer.nets, trainer.tx, jax.random.key(config.seed), mesh)
+  pick = lambda st: jax.device_get(st.teacher if config.eval.network == 'teacher' else st.student)
+  table, _ = evaluation.comparison_table(config, trainer.nets, pick(init), pick(state), workdir)
+  pictures = evaluation.pictures(config, trainer.nets, pick(state), workdir)
+  if jax.process_index() == 0:
+    print('\n' + table + '\n', flush=True)
+    print(f'Everything is in {workdir}:\n  k-NN table   {workdir / "eval" / "knn_table.md"} (and .json)\n'
+          f'  pictures     ' + '\n               '.join(str(p) for p in pictures) +
+          f'\n  checkpoints  {workdir / "checkpoints"}\n  metrics      {workdir / "metrics.jsonl"} '
+          f'(TensorBoard: tensorboard --logdir {workdir})', flush=True)

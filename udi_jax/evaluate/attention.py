@@ -1,0 +1,130 @@
+"""Pictures: last-layer attention of each class token, read-out attention at sampled points, curves.
+
+Written as PNG files under `workdir/pictures/`:
+- `attention_cls.png`: per image, the image and the last block's attention of token 0 (z_cls) to the
+  patches, one panel per head; `attention_cls_plus.png` the same for token 1 (z_cls+);
+- `readout_attention.png`: per image, a few stratified sample points (marked) and the SRS read-out's
+  attention from each point over the patches (mean over heads);
+- `training_curves.png`: losses per level, teacher entropy, KL, lr and k-NN (if run) from `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from udi_jax.data.photometric import preprocess
+from udi_jax.method.sampling import stratified_cells
+
+TOKEN_NAMES = ('cls', 'cls_plus')
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def class_token_attention(nets, backbone_params, images: np.ndarray) -> np.ndarray:
+  """uint8 (B, S, S, 3) -> (B, T, heads, F, F): the last block's attention of each class token."""
+  out = nets.backbone.apply({'params': backbone_params}, preprocess(jnp.asarray(images)), return_attention=True)
+  t = nets.backbone.num_cls_tokens
+  grid = images.shape[1] // nets.backbone.patch_size
+  attn = out.attention[:, :, :t, t:]                                   # (B, heads, T, N)
+  return np.asarray(attn.transpose(0, 2, 1, 3).reshape(attn.shape[0], t, attn.shape[1], grid, grid))
+
+
+def readout_attention(nets, params, images: np.ndarray, points: np.ndarray) -> np.ndarray:
+  """Read-out attention (B, P, F, F) (mean over heads) from token indices `points` (B, P)."""
+  out = nets.backbone.apply({'params': params['backbone']}, preprocess(jnp.asarray(images)))
+  idx = jnp.asarray(points, jnp.int32)[..., None]
+  _, attn = nets.readout.apply({'params': params['readout']}, out.patch, idx, jnp.ones(idx.shape),
+                               return_attention=True)                   # (B, heads, P, N)
+  grid = images.shape[1] // nets.backbone.patch_size
+  attn = attn.mean(1)
+  return np.asarray(attn.reshape(attn.shape[0], attn.shape[1], grid, grid))
+
+
+def _overlay_grid(plt, images, panels, titles, path):
+  rows, cols = len(images), 1 + panels.shape[1]
+  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+  for r in range(rows):
+    axes[r, 0].imshow(images[r])
+    for c in range(panels.shape[1]):
+      axes[r, c + 1].imshow(panels[r, c], cmap='inferno')
+    for c in range(cols):
+      axes[r, c].axis('off')
+      if r == 0:
+        axes[r, c].set_title(titles[c], fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def draw_attention(nets, params, images: np.ndarray, directory: pathlib.Path, seed: int = 0,
+                   window: int = 3, points_per_image: int = 4) -> list[pathlib.Path]:
+  """Attention pictures of `params` (one network: backbone, readout) on uint8 images (B, S, S, 3)."""
+  plt = _pyplot()
+  directory.mkdir(parents=True, exist_ok=True)
+  written = []
+  maps = class_token_attention(nets, params['backbone'], images)
+  heads = maps.shape[2]
+  for t in range(maps.shape[1]):
+    path = directory / f'attention_{TOKEN_NAMES[t]}.png'
+    _overlay_grid(plt, images, maps[:, t], ['image'] + [f'{TOKEN_NAMES[t]} head {h}' for h in range(heads)], path)
+    written.append(path)
+  if nets.readout is not None:
+    grid = images.shape[1] // nets.backbone.patch_size
+    keys = jax.random.split(jax.random.key(seed), len(images))
+    cells = np.stack([np.asarray(stratified_cells(k, grid, min(window, grid)))[:points_per_image] for k in keys])
+    attn = readout_attention(nets, params, images, cells)
+    path = directory / 'readout_attention.png'
+    patch = nets.backbone.patch_size
+    marked = images.copy()
+    for b, row in enumerate(cells):
+      for cell in row:
+        a, c = divmod(int(cell), grid)
+        marked[b, a * patch:(a + 1) * patch, c * patch:(c + 1) * patch] = (255, 0, 0)
+    _overlay_grid(plt, marked, attn, ['sampled points'] + [f'point {p}' for p in range(attn.shape[1])], path)
+    written.append(path)
+  return written
+
+
+def draw_curves(metrics_path: pathlib.Path, path: pathlib.Path) -> Optional[pathlib.Path]:
+  """Training curves from `metrics.jsonl`; None when there is nothing logged."""
+  if not metrics_path.exists():
+    return None
+  rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+  if not rows:
+    return None
+  train = [r for r in rows if 'loss' in r]
+  knn_rows = [r for r in rows if any(k.startswith('knn/') for k in r)]
+  if not train:
+    return None
+  plt = _pyplot()
+  last = train[-1]
+  panels = [('loss', train, [k for k in ('loss', 'loss/cls', 'loss/cls_plus', 'loss/patch') if k in last]),
+            ('teacher entropy', train, [k for k in last if k.startswith('teacher_entropy/')]),
+            ('KL(teacher || student)', train, [k for k in last if k.startswith('kl/')]),
+            ('learning rate', train, ['lr'])]
+  if knn_rows:
+    panels.append(('k-NN top-1 % (k=20)', knn_rows, [k for k in knn_rows[-1] if k.endswith('/top1@20')]))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
+  for ax, (title, subset, keys) in zip(axes, panels):
+    for key in keys:
+      ax.plot([r['step'] for r in subset], [r[key] for r in subset], label=key)
+    ax.set_title(title)
+    ax.set_xlabel('step')
+    if len(keys) > 1:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -1,0 +1,156 @@
+"""Evaluation of a checkpoint: k-NN, linear probe, low-shot, pictures, and the demo's comparison table.
+
+`config.eval` chooses the splits, the network (teacher by default), the feature tokens and the protocols.
+Results go to `workdir/eval/<name>.json` (and `.md` for tables); pictures to `workdir/pictures/`.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from udi_jax.data.sources import Source, decode_image, limit, open_source
+from udi_jax.evaluate import attention, features, knn, linear
+from udi_jax.models.networks import Networks
+
+PROTOCOLS = ('knn', 'linear', 'lowshot')
+
+
+def eval_sources(config) -> tuple[Source, Source]:
+  """(k-NN bank / training split, test split), limited by config.eval.max_*_examples."""
+  ev = config.eval
+  if not ev.train_source or not ev.test_source:
+    raise ValueError('config.eval.train_source and config.eval.test_source must name the splits to '
+                     'evaluate on, e.g. mnist5k:train and mnist5k:test.')
+  data_dir = config.data.data_dir or None
+  train = limit(open_source(ev.train_source, data_dir), ev.max_train_examples)
+  test = limit(open_source(ev.test_source, data_dir), ev.max_test_examples)
+  return train, test
+
+
+def token_kinds(config, nets: Networks) -> tuple[str, ...]:
+  tokens = tuple(config.eval.tokens)
+  for t in tokens:
+    if t not in features.KINDS[:4]:
+      raise ValueError(f'config.eval.tokens holds {t!r}; choose from {features.KINDS[:4]}.')
+  if nets.backbone.num_cls_tokens < 2:
+    tokens = tuple(t for t in tokens if t not in ('cls_plus', 'concat'))
+  return tokens
+
+
+def knn_results(nets, backbone_params, train: Source, test: Source, config, tokens) -> dict[str, Any]:
+  crop, batch = config.data.global_size, config.eval.batch_size
+  bank, bank_labels = features.extract(nets, backbone_params, train, crop, tokens, batch, desc='k-NN bank')
+  queries, labels = features.extract(nets, backbone_params, test, crop, tokens, batch, desc='k-NN queries')
+  classes = int(max(train.num_classes, bank_labels.max() + 1, labels.max() + 1))
+  return {t: knn.knn_accuracy(bank[t], bank_labels, queries[t], labels, classes, tuple(config.eval.knn_ks))
+          for t in tokens}
+
+
+def raw_pixel_knn(train: Source, test: Source, config) -> dict[str, float]:
+  """The k-NN baseline on the evaluation crops' pixels."""
+  crop = config.data.global_size
+  pixels = lambda src: np.stack([features.center_crop(decode_image(src[i]['image']), crop).reshape(-1)
+                                 for i in range(len(src))]).astype(np.float32)
+  labels = lambda src: np.asarray([src[i]['label'] for i in range(len(src))])
+  classes = int(train.num_classes)
+  return knn.knn_accuracy(pixels(train), labels(train), pixels(test), labels(test), classes,
+                          tuple(config.eval.knn_ks))
+
+
+def evaluate(config, nets: Networks, params: dict, workdir: pathlib.Path, name: str,
+             protocols=PROTOCOLS) -> dict[str, Any]:
+  """Runs the protocols on one network's params; writes eval/<name>.json; returns the results."""
+  for p in protocols:
+    if p not in PROTOCOLS:
+      raise ValueError(f'Unknown evaluation protocol {p!r}; choose from {PROTOCOLS}.')
+  train, test = eval_sources(config)
+  tokens = token_kinds(config, nets)
+  results: dict[str, Any] = {'network': config.eval.network, 'train_source': config.eval.train_source,
+                             'test_source': config.eval.test_source, 'train_examples': len(train),
+                             'test_examples': len(test)}
+  started = time.time()
+  if 'knn' in protocols:
+    results['knn'] = knn_results(nets, params['backbone'], train, test, config, tokens)
+  if 'linear' in protocols or 'lowshot' in protocols:
+    crop, batch = config.data.global_size, config.eval.batch_size
+    kinds = ('linear', 'cls')
+    train_x, train_y = features.extract(nets, params['backbone'], train, crop, kinds, batch, desc='train features')
+    test_x, test_y = features.extract(nets, params['backbone'], test, crop, kinds, batch, desc='test features')
+    classes = int(max(train.num_classes, train_y.max() + 1))
+    if 'linear' in protocols:
+      settings = linear.ProbeSettings(epochs=config.eval.linear_epochs, batch_size=config.eval.linear_batch_size,
+                                      lr=config.eval.linear_lr, seed=config.seed)
+      results['linear'] = linear.train_linear(train_x['linear'], train_y, test_x['linear'], test_y, classes,
+                                              settings)
+    if 'lowshot' in protocols:
+      split_dir = config.eval.lowshot_split_dir
+      split_files = ({f: str(pathlib.Path(split_dir) / f'{f * 100:g}percent.txt')
+                      for f in config.eval.lowshot_fractions} if split_dir else None)
+      results['lowshot'] = linear.lowshot(train_x['cls'], train_y, test_x['cls'], test_y,
+                                          tuple(config.eval.lowshot_fractions), seed=config.seed,
+                                          split_files=split_files, names=getattr(train, 'paths', None))
+  results['seconds'] = round(time.time() - started, 1)
+  write_json(workdir / 'eval' / f'{name}.json', results)
+  return results
+
+
+def write_json(path: pathlib.Path, payload: dict):
+  if jax.process_index() != 0:
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(payload, indent=2, default=float))
+
+
+def comparison_table(config, nets: Networks, init_params: dict, trained_params: dict,
+                     workdir: pathlib.Path) -> tuple[str, dict]:
+  """The demo's k-NN table: raw pixels, the network at initialisation, the trained network per token."""
+  train, test = eval_sources(config)
+  tokens = token_kinds(config, nets)
+  k = 20 if 20 in config.eval.knn_ks else config.eval.knn_ks[0]
+  rows = [('raw pixels', '-', raw_pixel_knn(train, test, config))]
+  init = knn_results(nets, init_params['backbone'], train, test, config, tokens)
+  trained = knn_results(nets, trained_params['backbone'], train, test, config, tokens)
+  rows += [('initialisation', t, init[t]) for t in tokens]
+  rows += [(f'pretrained {config.eval.network}', t, trained[t]) for t in tokens]
+  lines = [f'k-NN on {config.eval.test_source} ({len(test)} images; bank {config.eval.train_source}, '
+           f'{len(train)} images), k = {k}, T = {knn.TEMPERATURE}', '',
+           '| features | token | top-1 % | top-5 % |', '|---|---|---|---|']
+  lines += [f'| {what} | {tok} | {r[f"top1@{k}"]:.1f} | {r[f"top5@{k}"]:.1f} |' for what, tok, r in rows]
+  table = '\n'.join(lines)
+  payload = {'k': k, 'rows': [{'features': w, 'token': t, **r} for w, t, r in rows]}
+  write_json(workdir / 'eval' / 'knn_table.json', payload)
+  if jax.process_index() == 0:
+    (workdir / 'eval' / 'knn_table.md').write_text(table + '\n')
+  return table, payload
+
+
+def pictures(config, nets: Networks, params: dict, workdir: pathlib.Path, count: int = 6) -> list[pathlib.Path]:
+  """Attention pictures on the first test images and the training curves."""
+  if jax.process_index() != 0:
+    return []
+  _, test = eval_sources(config)
+  crop = config.data.global_size
+  images = np.stack([features.center_crop(decode_image(test[i]['image']), crop)
+                     for i in range(min(count, len(test)))])
+  directory = workdir / 'pictures'
+  written = attention.draw_attention(nets, params, images, directory, seed=config.seed,
+                                     window=config.udi.global_window)
+  curves = attention.draw_curves(workdir / 'metrics.jsonl', directory / 'training_curves.png')
+  return written + ([curves] if curves else [])
+
+
+def newest_or(checkpoint: str, workdir: pathlib.Path) -> tuple[pathlib.Path, Optional[int]]:
+  """(checkpoint directory, step) for config.eval.checkpoint: '' = the workdir's newest, a number =
+  that step of the workdir, a path = another run's workdir or checkpoint directory (its newest)."""
+  if not checkpoint:
+    return workdir / 'checkpoints', None
+  if checkpoint.isdigit():
+    return workdir / 'checkpoints', int(checkpoint)
+  path = pathlib.Path(checkpoint)
+  return (path / 'checkpoints' if (path / 'checkpoints').is_dir() else path), None
