@@ -10,7 +10,6 @@ from PIL import Image
 
 from tests.test_training_run import restore
 from udi_jax.evaluate import features, knn, linear
-from udi_jax.evaluate import run as evaluation
 from udi_jax.models.networks import build_networks
 
 

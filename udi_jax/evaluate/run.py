@@ -131,13 +131,13 @@ def comparison_table(config, nets: Networks, init_params: dict, trained_params: 
 
 
 def pictures(config, nets: Networks, params: dict, workdir: pathlib.Path, count: int = 6) -> list[pathlib.Path]:
-  """Attention pictures on the first test images and the training curves."""
+  """Attention pictures on `count` test images spread over the split, and the training curves."""
   if jax.process_index() != 0:
     return []
   _, test = eval_sources(config)
   crop = config.data.global_size
-  images = np.stack([features.center_crop(decode_image(test[i]['image']), crop)
-                     for i in range(min(count, len(test)))])
+  spread = np.unique(np.linspace(0, len(test) - 1, min(count, len(test))).astype(int))   # sorted data: spread out
+  images = np.stack([features.center_crop(decode_image(test[int(i)]['image']), crop) for i in spread])
   directory = workdir / 'pictures'
   written = attention.draw_attention(nets, params, images, directory, seed=config.seed,
                                      window=config.udi.global_window)
