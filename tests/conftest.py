@@ -5,6 +5,12 @@ XLA_FLAGS must be set before JAX initialises its backends, hence at import time 
 
 import os
 import pathlib
+import sys
+
+# torch's optional triton (GPU kernels, unused on the CPU) loads an LLVM that crashes this process in some
+# import orders once jaxlib is loaded (a segfault while collecting tests). Blocking it makes torch and
+# torchvision treat triton as absent.
+sys.modules.setdefault('triton', None)
 
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:

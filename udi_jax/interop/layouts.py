@@ -1,0 +1,88 @@
+"""Backbone state-dict layouts of the PyTorch world: timm (exact) and DINO (lossy) (UDI_SPEC §7.2–7.3).
+
+- timm: `VisionTransformer(class_token=True, reg_tokens=1, no_embed_class=False)`: token 0 is `cls_token`,
+  token 1 the register token `reg_token`, and the positional table is unchanged (timm concatenates
+  [cls, reg, patches] and then adds it, UDI's order). A 1-token model maps to a plain timm ViT.
+  `img_size` bakes the table for another input size with the official bicubic (UDI_SPEC §2.2), because
+  timm's own resampling differs.
+- dino: facebookresearch/dino `vit_*` keys with ONE class token: token 1 and its positional row are
+  dropped, which changes the network (lossy). For legacy evaluation code only.
+
+Block, norm and patch-embed keys are those of DINO/timm, i.e. our Flax names with `blocks_i` -> `blocks.i`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import flax
+import jax
+import numpy as np
+
+from udi_jax.interop import official
+from udi_jax.models.vit import resize_pos_embed
+
+FORMATS = ('timm', 'udi', 'dino')
+
+
+def _backbone_state(backbone: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Flax backbone params -> torch-named tensors, cls_token and pos_embed included as they are."""
+  out = {}
+  for path, leaf in flax.traverse_util.flatten_dict(backbone).items():
+    out[official._torch_name(path)] = official._to_torch(path, np.asarray(jax.device_get(leaf), np.float32))
+  return out
+
+
+def baked_pos_embed(pos_embed: np.ndarray, num_cls_tokens: int, patch_size: int,
+                    img_size: Optional[int]) -> np.ndarray:
+  """The positional table for `img_size` (None: unchanged), official bicubic interpolation."""
+  if img_size is None:
+    return np.asarray(pos_embed)
+  if img_size % patch_size:
+    raise ValueError(f'--img-size={img_size} is not a multiple of the patch size {patch_size}.')
+  grid = img_size // patch_size
+  return np.asarray(resize_pos_embed(np.asarray(pos_embed), num_cls_tokens, (grid, grid)))
+
+
+def to_timm(backbone: Mapping[str, Any], patch_size: int, img_size: Optional[int] = None) -> dict[str, np.ndarray]:
+  state = _backbone_state(backbone)
+  tokens = state['cls_token'].shape[1]
+  state['pos_embed'] = baked_pos_embed(state['pos_embed'], tokens, patch_size, img_size)
+  cls = state.pop('cls_token')
+  state['cls_token'] = cls[:, :1]
+  if tokens == 2:
+    state['reg_token'] = cls[:, 1:2]
+  elif tokens != 1:
+    raise ValueError(f'timm holds 1 class token and registers; a model with {tokens} class tokens does not map.')
+  return state
+
+
+def to_dino(backbone: Mapping[str, Any], patch_size: int, img_size: Optional[int] = None) -> dict[str, np.ndarray]:
+  """LOSSY for 2-token models: token 1 and its positional row are dropped."""
+  state = _backbone_state(backbone)
+  tokens = state['cls_token'].shape[1]
+  pos = baked_pos_embed(state['pos_embed'], tokens, patch_size, img_size)
+  state['cls_token'] = state['cls_token'][:, :1]
+  state['pos_embed'] = np.concatenate([pos[:, :1], pos[:, tokens:]], axis=1)
+  return state
+
+
+def from_backbone_state(state: Mapping[str, np.ndarray], like: Mapping[str, Any]) -> dict[str, Any]:
+  """A timm/DINO/official-backbone state dict -> backbone params shaped like `like`.
+
+  timm's `reg_token` rejoins `cls_token` as token 1. Raises ValueError on missing keys or shapes.
+  """
+  state = dict(state)
+  if 'reg_token' in state:
+    state['cls_token'] = np.concatenate([state['cls_token'], state.pop('reg_token')], axis=1)
+  prefixed = {'backbone.backbone.' + k: v for k, v in state.items()}
+  return official.from_official(prefixed, {'backbone': like})['backbone']
+
+
+def timm_constructor(num_cls_tokens: int, embed_dim: int, depth: int, num_heads: int, patch_size: int,
+                     img_size: int) -> str:
+  """The line that builds the matching timm model."""
+  registers = ', reg_tokens=1' if num_cls_tokens == 2 else ''
+  return (f'timm.models.vision_transformer.VisionTransformer(img_size={img_size}, patch_size={patch_size}, '
+          f'embed_dim={embed_dim}, depth={depth}, num_heads={num_heads}, class_token=True{registers}, '
+          f'no_embed_class=False, num_classes=0, global_pool="token")')
