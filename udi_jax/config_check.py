@@ -62,9 +62,10 @@ def _validate(config, num_devices: int, num_processes: int) -> None:
            'mnist5k[:SPLIT] or digits[:SPLIT].')
   _require(config.log_every_steps > 0 and config.checkpoint_every_steps >= 0 and config.keep_checkpoints >= 1,
            'config.log_every_steps must be positive, checkpoint_every_steps >= 0 and keep_checkpoints >= 1.')
-  _require(not config.init_from or not config.init_from.startswith('torch:'),
-           'config.init_from=torch:... (importing PyTorch checkpoints) is not available yet; start from a '
-           'udi_jax workdir or checkpoint directory.')
+  if config.init_from.startswith('torch:'):
+    import pathlib
+    _require(pathlib.Path(config.init_from[len('torch:'):]).is_file(),
+             f'config.init_from={config.init_from}: no such file; give torch:PATH to a .pth or .safetensors file.')
   build_networks(config)
   SamplingSettings.from_config(config)
   ObjectiveSettings.from_config(config)

@@ -96,15 +96,34 @@ def progress_line(step: int, total: int, steps_per_epoch: int, m: dict, seconds_
 
 
 def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> TrainState:
-  """Student, teacher and centres of another run's newest checkpoint; fresh optimiser and step."""
+  """Student, teacher and centres of another run's newest checkpoint (a workdir or checkpoint directory),
+  or of a PyTorch file (`torch:PATH`: official UDI, DINO, timm); fresh optimiser and step."""
+  primary = jax.process_index() == 0
+  if init_from.startswith('torch:'):
+    from udi_jax.interop.official import centres_from_official
+    from udi_jax.interop.torch_files import load_torch_checkpoint
+    imported = load_torch_checkpoint(init_from[len('torch:'):], abstract.student)
+    place = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding),
+                                            tree, like)
+    parts = {k: place(v, abstract.student[k]) for k, v in imported.params.items()}
+    centres = state.centres
+    if imported.centres is not None:
+      centres = place(centres_from_official(imported.centres, tuple(state.centres)), abstract.centres)
+    if primary:
+      print(f'Initialised {sorted(parts)} from {init_from} ({imported.layout} layout'
+            f'{", centres too" if imported.centres is not None else ""}); unused keys: '
+            f'{imported.unused_keys[:10] or "none"}.', flush=True)
+    return TrainState(step=state.step, student={**state.student, **parts}, teacher={**state.teacher, **parts},
+                      opt=state.opt, centres=centres)
   path = pathlib.Path(init_from)
   directory = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
   if not directory.is_dir():
-    raise FileNotFoundError(f'config.init_from={init_from} is neither a workdir nor a checkpoint directory.')
+    raise FileNotFoundError(f'config.init_from={init_from} is neither a workdir nor a checkpoint directory '
+                            '(use torch:PATH for PyTorch files).')
   source = Checkpoints(directory, asynchronous=False)
   other, _, step = source.restore(abstract)
   source.close()
-  if jax.process_index() == 0:
+  if primary:
     print(f'Initialised the student, teacher and centres from {directory} (step {step}).', flush=True)
   return TrainState(step=state.step, student=other.student, teacher=other.teacher, opt=state.opt,
                     centres=other.centres)
@@ -247,8 +266,15 @@ def final_report(config, trainer: Trainer, state: TrainState, mesh: Mesh, workdi
   table, _ = evaluation.comparison_table(config, trainer.nets, pick(init), pick(state), workdir)
   pictures = evaluation.pictures(config, trainer.nets, pick(state), workdir)
   if jax.process_index() == 0:
+    from udi_jax import export
+    teacher = jax.device_get(state.teacher)
+    out = workdir / 'export' / 'teacher_timm.safetensors'
+    export.write(export.payload('timm', trainer.nets, None, teacher, None), out)
     print('\n' + table + '\n', flush=True)
+    print(export.how_to_load('timm', trainer.nets, out, None, 'teacher', int(jax.device_get(state.step))),
+          flush=True)
     print(f'Everything is in {workdir}:\n  k-NN table   {workdir / "eval" / "knn_table.md"} (and .json)\n'
           f'  pictures     ' + '\n               '.join(str(p) for p in pictures) +
+          f'\n  PyTorch      {workdir / "export" / "teacher_timm.safetensors"} (timm layout)'
           f'\n  checkpoints  {workdir / "checkpoints"}\n  metrics      {workdir / "metrics.jsonl"} '
           f'(TensorBoard: tensorboard --logdir {workdir})', flush=True)
