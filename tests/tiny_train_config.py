@@ -41,4 +41,5 @@ def get_config(arg=None):
   config.eval.max_test_examples = 128
   config.eval.batch_size = 64
   config.eval.linear_epochs = 20
+  config.eval.report = False               # the shared run (conftest) turns it on
   return config

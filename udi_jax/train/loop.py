@@ -105,15 +105,16 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
     imported = load_torch_checkpoint(init_from[len('torch:'):], abstract.student)
     place = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding),
                                             tree, like)
-    parts = {k: place(v, abstract.student[k]) for k, v in imported.params.items()}
+    # Student and teacher get separate buffers (the step donates both).
+    parts = lambda: {k: place(v, abstract.student[k]) for k, v in imported.params.items()}
     centres = state.centres
     if imported.centres is not None:
       centres = place(centres_from_official(imported.centres, tuple(state.centres)), abstract.centres)
     if primary:
-      print(f'Initialised {sorted(parts)} from {init_from} ({imported.layout} layout'
+      print(f'Initialised {sorted(imported.params)} from {init_from} ({imported.layout} layout'
             f'{", centres too" if imported.centres is not None else ""}); unused keys: '
             f'{imported.unused_keys[:10] or "none"}.', flush=True)
-    return TrainState(step=state.step, student={**state.student, **parts}, teacher={**state.teacher, **parts},
+    return TrainState(step=state.step, student={**state.student, **parts()}, teacher={**state.teacher, **parts()},
                       opt=state.opt, centres=centres)
   path = pathlib.Path(init_from)
   directory = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
