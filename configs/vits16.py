@@ -44,8 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.udi.alpha = 0.5                   # weight of the patch part in the cls+ target
   config.udi.global_window = 3             # SRS window on the 14x14 grid: 16 samples
   config.udi.local_window = 2              # SRS window on the 6x6 grid: 9 samples
+  config.udi.sampling = 'stratified'       # or 'fixed' (first cell of each window), 'uniform' (no windows)
   config.udi.include_patch = True          # False: plain DINO (set model.num_cls_tokens=1)
   config.udi.patch_loss_norm = 'global'    # official: 'per_device'
+  config.udi.target_mixing = 'logit'       # cls+ target: 'logit' (official) or 'prob' (mixture)
+  config.udi.local_patch_loss = False      # official: no patch loss for the local crops
   config.udi.student_temp = 0.1
   config.udi.center_momentum = 0.9
   config.udi.momentum_teacher = 0.996      # EMA, cosine to 1

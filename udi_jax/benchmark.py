@@ -149,11 +149,12 @@ def measure(config, per_device_batch: int, steps: int, warmup: int, peak: Option
 
 
 def report(result: Result, device) -> str:
-  fmt = lambda x, spec: 'n/a' if x is None else format(x, spec)
+  fmt = lambda x, spec, unit='': 'n/a' if x is None else format(x, spec) + unit
   return (f'{device.device_kind} x{jax.device_count()} | per-device batch {result.per_device_batch} | '
           f'step {result.step_ms:.1f} ms | {result.images_per_s_per_device:.1f} images/s per device | '
-          f'peak memory {fmt(result.peak_memory_gib, ".2f")} GiB | model {result.model_gflops_per_image:.1f} '
-          f'GFLOP/image (XLA {fmt(result.xla_gflops_per_image, ".1f")}) | MFU {fmt(result.mfu and 100 * result.mfu, ".1f")} %')
+          f'peak memory {fmt(result.peak_memory_gib, ".2f", " GiB")} | model {result.model_gflops_per_image:.3g} '
+          f'GFLOP/image (XLA {fmt(result.xla_gflops_per_image, ".3g")}) | '
+          f'MFU {fmt(result.mfu and 100 * result.mfu, ".1f", " %")}')
 
 
 FLAGS = flags.FLAGS

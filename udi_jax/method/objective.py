@@ -32,6 +32,7 @@ from udi_jax.models.networks import Networks, Params
 
 MASKED_MEAN_EPS = 1e-5   # official: sum(m x) / (sum(m) + 1e-5), also when every row is valid
 PATCH_LOSS_NORMS = ('global', 'per_device')
+TARGET_MIXING = ('logit', 'prob')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +41,13 @@ class ObjectiveSettings:
   student_temp: float = 0.1
   center_momentum: float = 0.9
   patch_loss_norm: str = 'global'   # 'global': psum/psum valid count; 'per_device': mean of device means
+  target_mixing: str = 'logit'      # 'logit' (official product of experts) or 'prob' (mixture, §9.2)
+  local_patch_loss: bool = False    # add a patch term for the local crops against both global views
 
   def __post_init__(self):
+    if self.target_mixing not in TARGET_MIXING:
+      raise ValueError(f'config.udi.target_mixing={self.target_mixing!r} is not known; use one of '
+                       f'{TARGET_MIXING}.')
     if self.patch_loss_norm not in PATCH_LOSS_NORMS:
       raise ValueError(f'config.udi.patch_loss_norm={self.patch_loss_norm!r} is not known; '
                        f'use one of {PATCH_LOSS_NORMS}.')
@@ -52,7 +58,8 @@ class ObjectiveSettings:
   def from_config(cls, config) -> 'ObjectiveSettings':
     udi = config.udi
     return cls(alpha=udi.alpha, student_temp=udi.student_temp, center_momentum=udi.center_momentum,
-               patch_loss_norm=udi.patch_loss_norm)
+               patch_loss_norm=udi.patch_loss_norm, target_mixing=udi.target_mixing,
+               local_patch_loss=udi.local_patch_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +69,12 @@ class ObjectiveOutput:
   components: dict[str, jax.Array]    # g_cls, l_cls, g_cls_plus, l_cls_plus, g_patch (global values)
   centres: dict[str, jax.Array]       # updated centres (K,) per level
   metrics: dict[str, jax.Array]       # teacher entropy per level, fraction of valid samples
+  targets: dict[str, jax.Array]       # the teacher's global-view targets per level (rows of teacher views)
 
 
 jax.tree_util.register_dataclass(
-    ObjectiveOutput, data_fields=['loss', 'levels', 'components', 'centres', 'metrics'], meta_fields=[])
+    ObjectiveOutput, data_fields=['loss', 'levels', 'components', 'centres', 'metrics', 'targets'],
+    meta_fields=[])
 
 
 def init_centres(nets: Networks) -> dict[str, jax.Array]:
@@ -124,15 +133,34 @@ def udi_objective(nets: Networks, settings: ObjectiveSettings, student: Params, 
     t_u = nets.embed(teacher, 'patch', t_read)                                              # (2B, St, Db)
     t_mask = samples.teacher_mask
     t_patch = nets.project(teacher, 'patch', t_u[:, :n_global])                             # (2B, Sg, K)
-  if 'cls_plus' in levels:
+  if 'patch' in levels and n_local:
+    u_local = t_u[:, n_global:].reshape(2 * batch, n_local, -1, t_u.shape[-1])       # (2B, n_l, Sl, Db)
+    m_local = t_mask[:, n_global:].reshape(2 * batch, n_local, -1)
+    needs_local_logits = settings.target_mixing == 'prob' or settings.local_patch_loss
+    t_patch_local = nets.project(teacher, 'patch', u_local) if needs_local_logits else None
+  plus_global = plus_local = None                                    # cls+ targets (probabilities)
+  if 'cls_plus' in levels and settings.target_mixing == 'logit':
     # l+ = alpha * W mean_i(u_i) + (1 - alpha) * l_cls, per teacher row; then per (row, local crop).
     blend = lambda u_mean, cls_logits: (settings.alpha * nets.project(teacher, 'patch', u_mean)
                                         + (1.0 - settings.alpha) * cls_logits)
     t_plus_global = blend(masked_mean(t_u[:, :n_global], t_mask[:, :n_global]), t_cls)    # (2B, K)
+    plus_global = target(t_plus_global, 'cls_plus')
     if n_local:
-      u_local = t_u[:, n_global:].reshape(2 * batch, n_local, -1, t_u.shape[-1])
-      m_local = t_mask[:, n_global:].reshape(2 * batch, n_local, -1)
       t_plus_local = blend(masked_mean(u_local, m_local), t_cls[:, None])                # (2B, n_l, K)
+      plus_local = target(t_plus_local, 'cls_plus')
+  elif 'cls_plus' in levels:
+    # alpha * mean_i softmax((l_i - c2)/T) + (1 - alpha) * softmax((l_cls - c0)/T); with no valid
+    # sample the patch weight goes to the cls part, so the target always sums to 1. c1 is unused.
+    def mixture(patch_logits, mask, cls_probs):
+      probs = target(patch_logits, 'patch')
+      weight = mask.sum(-1, keepdims=True)
+      mean = jnp.einsum('...sk,...s->...k', probs, mask, precision=hi) / jnp.maximum(weight, 1e-12)
+      a = settings.alpha * (weight > 0)
+      return a * mean + (1.0 - a) * cls_probs
+    cls_probs = target(t_cls, 'cls')
+    plus_global = mixture(t_patch, t_mask[:, :n_global], cls_probs)
+    if n_local:
+      plus_local = mixture(t_patch_local, m_local, cls_probs[:, None])
 
   # ---- Student: one backbone call per resolution group; read-out on the global views only.
   def row_keys(crop_ids):
@@ -153,7 +181,7 @@ def udi_objective(nets: Networks, settings: ObjectiveSettings, student: Params, 
   share = {}
   targets = {'cls': target(t_cls, 'cls')}                                                  # (2B, K)
   if 'cls_plus' in levels:
-    targets['cls_plus'] = target(t_plus_global, 'cls_plus')
+    targets['cls_plus'] = plus_global
   for token, level in enumerate(('cls', 'cls_plus')):
     if level not in levels:
       continue
@@ -165,7 +193,7 @@ def udi_objective(nets: Networks, settings: ObjectiveSettings, student: Params, 
       if level == 'cls':
         ce = -jnp.einsum('vbk,nbk->vbn', targets['cls'].reshape(2, batch, -1), s_loc, precision=hi)
       else:
-        t_loc = target(t_plus_local, level).reshape(2, batch, n_local, -1)
+        t_loc = plus_local.reshape(2, batch, n_local, -1)
         ce = -jnp.einsum('vbnk,nbk->vbn', t_loc, s_loc, precision=hi)
       share[f'l_{level}'] = ce.mean() / num_devices
 
@@ -176,12 +204,21 @@ def udi_objective(nets: Networks, settings: ObjectiveSettings, student: Params, 
     targets['patch'] = swap(target(t_patch, 'patch'))
     s_mask = samples.student_mask
     ce = jnp.where(s_mask > 0, cross_entropy(targets['patch'], s_lp), 0.0)
-    numerator = jnp.sum(ce * s_mask)
-    if settings.patch_loss_norm == 'global':
-      count = gsum(jnp.sum(s_mask))
-      share['g_patch'] = numerator / jnp.maximum(count, 1.0)
-    else:
-      share['g_patch'] = numerator / jnp.maximum(jnp.sum(s_mask), 1.0) / num_devices
+    patch_share = lambda ce, mask: (jnp.sum(ce * mask) / jnp.maximum(gsum(jnp.sum(mask)), 1.0)
+                                    if settings.patch_loss_norm == 'global'
+                                    else jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0) / num_devices)
+    share['g_patch'] = patch_share(ce, s_mask)
+    if settings.local_patch_loss and n_local:
+      # The student's own local read-out at its local samples vs the teacher's read-outs of the same
+      # points in each global view (valid where the point lies inside that view).
+      local_idx = jnp.tile(samples.local_idx, (n_local, 1))[..., None]                 # (n_l*B, Sl, 1)
+      s_read_local = nets.readout.apply({'params': student['readout']}, s_local.patch, local_idx,
+                                        jnp.ones(local_idx.shape))
+      s_lp_local = head('patch', s_read_local).reshape(n_local, batch, -1, t_patch_local.shape[-1])
+      t_local_probs = target(t_patch_local, 'patch').reshape(2, batch, n_local, -1, t_patch_local.shape[-1])
+      valid = samples.teacher_valid[:, n_global:].reshape(2, batch, n_local, -1)
+      ce_local = -jnp.einsum('vbnsk,nbsk->vbns', t_local_probs, s_lp_local, precision=hi)
+      share['l_patch'] = patch_share(jnp.where(valid > 0, ce_local, 0.0), valid)
 
   level_share = {}
   for level in ('cls', 'cls_plus'):
@@ -189,16 +226,19 @@ def udi_objective(nets: Networks, settings: ObjectiveSettings, student: Params, 
       g = share[f'g_{level}']
       level_share[level] = (2 * g + 2 * n_local * share[f'l_{level}']) / (2 + 2 * n_local) if n_local else g
   if 'patch' in levels:
-    level_share['patch'] = share['g_patch']
+    level_share['patch'] = (share['g_patch'] if 'l_patch' not in share else
+                            (2 * share['g_patch'] + 2 * n_local * share['l_patch']) / (2 + 2 * n_local))
   loss_share = sum(level_share.values()) / len(level_share)
 
   # ---- Centres: c <- m c + (1 - m) mean, pooled over devices; targets above used the old centres.
   momentum = settings.center_momentum
   update = lambda level, total, count: momentum * centres[level] + (1 - momentum) * total / count
   new_centres = {'cls': update('cls', gsum(t_cls.sum(0)), gsum(2 * batch))}
-  if 'cls_plus' in levels:
+  if 'cls_plus' in levels and settings.target_mixing == 'logit':
     total = t_plus_global.sum(0) + (t_plus_local.sum((0, 1)) if n_local else 0.0)
     new_centres['cls_plus'] = update('cls_plus', gsum(total), gsum(2 * batch * (1 + n_local)))
+  elif 'cls_plus' in levels:
+    new_centres['cls_plus'] = centres['cls_plus']          # unused by probability mixing
   if 'patch' in levels:
     u_total = gsum(jnp.einsum('rsc,rs->c', t_u, t_mask, precision=hi))
     weight = gsum(t_mask.sum())
@@ -227,5 +267,6 @@ def udi_objective(nets: Networks, settings: ObjectiveSettings, student: Params, 
       levels={k: gsum(v) for k, v in level_share.items()},
       components=components,
       centres=new_centres,
-      metrics=metrics)
+      metrics=metrics,
+      targets={k: v for k, v in targets.items() if k != 'patch'})
   return loss_share, output

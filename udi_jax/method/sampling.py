@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,11 +34,14 @@ class Samples:
   teacher_idx: jax.Array     # (2B, St, 4) int32 neighbour tokens on the teacher view's grid
   teacher_w: jax.Array       # (2B, St, 4) float32 bilinear weights, 0 for invalid points
   teacher_mask: jax.Array    # (2B, St) float32 m^t = sum of the weights (~1 valid, 0 invalid)
+  # For the local patch-loss ablation (UDI_SPEC §9): the local pattern and every point's validity.
+  local_idx: Optional[jax.Array] = None       # (B, Sl) int32 token indices on the local grid
+  teacher_valid: Optional[jax.Array] = None   # (2B, St) float32: 1 where the point lies inside view v
 
 
 jax.tree_util.register_dataclass(
-    Samples, data_fields=['student_idx', 'student_mask', 'teacher_idx', 'teacher_w', 'teacher_mask'],
-    meta_fields=[])
+    Samples, data_fields=['student_idx', 'student_mask', 'teacher_idx', 'teacher_w', 'teacher_mask',
+                          'local_idx', 'teacher_valid'], meta_fields=[])
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,15 +54,25 @@ def torch_linspace01(n: int) -> np.ndarray:
   return values.astype(np.float32)
 
 
-def stratified_cells(key: jax.Array, grid: int, window: int) -> jax.Array:
-  """One random cell per window of a (g*window)^2 block in a random corner; sorted token indices (g*g,).
+SAMPLING_MODES = ('stratified', 'fixed', 'uniform')
 
-  g = grid // window. When the block is smaller than the grid, it sits in one of the 4 corners with
-  probability 1/4 each (UDI_SPEC §3.2).
+
+def stratified_cells(key: jax.Array, grid: int, window: int, mode: str = 'stratified') -> jax.Array:
+  """Sorted token indices (g*g,) of one image's sampling pattern, g = grid // window.
+
+  - `stratified` (UDI_SPEC §3.2): one random cell per window of a (g*window)^2 block; when the block is
+    smaller than the grid it sits in one of the 4 corners with probability 1/4 each;
+  - `fixed`: the first cell of every window (official `random_sampling=False`), the corner still random;
+  - `uniform`: the same number of distinct tokens drawn uniformly over the whole grid, without windows.
   """
   g = grid // window
   k_cell, k_corner = jax.random.split(key)
-  cells = jax.random.randint(k_cell, (g, g), 0, window * window)
+  if mode == 'uniform':
+    return jnp.sort(jax.random.permutation(k_cell, grid * grid)[:g * g]).astype(jnp.int32)
+  if mode == 'stratified':
+    cells = jax.random.randint(k_cell, (g, g), 0, window * window)
+  else:
+    cells = jnp.zeros((g, g), jnp.int32)
   corner = jax.random.randint(k_corner, (), 0, 4)
   spare = grid - g * window
   row0, col0 = (corner // 2) * spare, (corner % 2) * spare
@@ -111,32 +125,34 @@ def correspond_batch(boxes: jax.Array, global_cells: jax.Array, local_cells: jax
     valid_01, idx_01, w_01 = proj_global(0, 1)
     valid_10, idx_10, w_10 = proj_global(1, 0)
     student_mask = jnp.stack([valid_01, valid_10]).astype(jnp.float32)             # (2, Sg)
-    teacher_idx = [[idx_10], [idx_01]]                                              # teacher view 0, 1
-    teacher_w = [[w_10], [w_01]]
+    teacher_idx, teacher_w = [[idx_10], [idx_01]], [[w_10], [w_01]]               # teacher view 0, 1
+    teacher_valid = [[valid_10], [valid_01]]
     for k in range(num_local):
       for view in (0, 1):
-        _, idx, w = correspondence(box[2 + k], box[view], l_cells, local_grid, global_grid)
+        valid, idx, w = correspondence(box[2 + k], box[view], l_cells, local_grid, global_grid)
         teacher_idx[view].append(idx)
         teacher_w[view].append(w)
-    cat = lambda parts: jnp.stack([jnp.concatenate(p) for p in parts])             # (2, St, 4)
-    return student_mask, cat(teacher_idx), cat(teacher_w)
+        teacher_valid[view].append(valid)
+    cat = lambda parts: jnp.stack([jnp.concatenate(p) for p in parts])             # (2, St, ...)
+    return student_mask, cat(teacher_idx), cat(teacher_w), cat(teacher_valid).astype(jnp.float32)
 
-  student_mask, teacher_idx, teacher_w = jax.vmap(per_image)(boxes, global_cells, local_cells)
+  student_mask, teacher_idx, teacher_w, teacher_valid = jax.vmap(per_image)(boxes, global_cells, local_cells)
   view_major = lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
   student_idx = jnp.concatenate([global_cells, global_cells]).astype(jnp.int32)
   teacher_w = view_major(teacher_w)
   return Samples(student_idx=student_idx, student_mask=view_major(student_mask),
                  teacher_idx=view_major(teacher_idx), teacher_w=teacher_w,
-                 teacher_mask=teacher_w.sum(-1))
+                 teacher_mask=teacher_w.sum(-1), local_idx=local_cells.astype(jnp.int32),
+                 teacher_valid=view_major(teacher_valid))
 
 
 def draw_cells(keys: jax.Array, global_grid: int, local_grid: int, global_window: int,
-               local_window: int) -> tuple[jax.Array, jax.Array]:
+               local_window: int, mode: str = 'stratified') -> tuple[jax.Array, jax.Array]:
   """Per-image cell patterns (B, Sg), (B, Sl) from per-example keys (B,) (DESIGN contract 2)."""
   def per_image(key):
     k_global, k_local = jax.random.split(key)
-    return (stratified_cells(k_global, global_grid, global_window),
-            stratified_cells(k_local, local_grid, local_window))
+    return (stratified_cells(k_global, global_grid, global_window, mode),
+            stratified_cells(k_local, local_grid, local_window, mode))
   return jax.vmap(per_image)(keys)
 
 
@@ -147,8 +163,11 @@ class SamplingSettings:
   local_grid: int = 6
   global_window: int = 3
   local_window: int = 2
+  mode: str = 'stratified'      # stratified | fixed | uniform
 
   def __post_init__(self):
+    if self.mode not in SAMPLING_MODES:
+      raise ValueError(f'config.udi.sampling={self.mode!r} is not known; use one of {SAMPLING_MODES}.')
     for name, grid, window in (('global', self.global_grid, self.global_window),
                                ('local', self.local_grid, self.local_window)):
       if not 1 <= window <= grid:
@@ -159,12 +178,13 @@ class SamplingSettings:
   def from_config(cls, config) -> 'SamplingSettings':
     patch = config.model.patch_size
     return cls(global_grid=config.data.global_size // patch, local_grid=config.data.local_size // patch,
-               global_window=config.udi.global_window, local_window=config.udi.local_window)
+               global_window=config.udi.global_window, local_window=config.udi.local_window,
+               mode=config.udi.sampling)
 
 
 def draw_samples(boxes: jax.Array, keys: jax.Array, settings: SamplingSettings) -> Samples:
   """Stratified sampling and correspondences of a batch: boxes (B, 2+n_l, 4), keys (B,)."""
   s = settings
   global_cells, local_cells = draw_cells(keys, s.global_grid, s.local_grid, s.global_window,
-                                         s.local_window)
+                                         s.local_window, s.mode)
   return correspond_batch(boxes, global_cells, local_cells, s.global_grid, s.local_grid)

@@ -1,0 +1,95 @@
+"""Launchers (dry runs), the Colab notebook end to end on the CPU, and the throughput benchmark."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_training_run import REPO, env
+
+LAUNCHERS = ['launch/tpu_pod.sh', 'launch/gpu.sh', 'launch/slurm.sbatch']
+
+
+def bash(*args, **kwargs):
+  return subprocess.run(['bash', *args], cwd=REPO, capture_output=True, text=True, timeout=60, **kwargs)
+
+
+@pytest.mark.parametrize('script', LAUNCHERS)
+def test_launcher_syntax(script):
+  result = bash('-n', script)
+  assert result.returncode == 0, result.stderr
+
+
+def test_tpu_pod_dry_run_prints_every_command():
+  result = bash('launch/tpu_pod.sh', '--dry-run', '--name=udi-v4', '--zone=us-central2-b',
+                '--accelerator-type=v4-32', '--repo=https://example.org/udi_jax.git',
+                '--config=configs/vitb16.py', '--workdir=gs://bucket/runs/b16', '--', '--config.epochs=100')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 3
+  assert lines[0].startswith('gcloud compute tpus tpu-vm create udi-v4 --zone=us-central2-b '
+                             '--accelerator-type=v4-32')
+  assert '--worker=all' in lines[1] and 'git\\ clone\\ https://example.org/udi_jax.git' in lines[1]
+  assert "jax\\[tpu\\]==" in lines[1]
+  assert ('python3\\ -m\\ udi_jax.main\\ --config=configs/vitb16.py\\ --workdir=gs://bucket/runs/b16\\ '
+          '--distributed\\ --config.epochs=100') in lines[2]
+  missing = bash('launch/tpu_pod.sh', '--dry-run', '--name=x', '--zone=z', '--accelerator-type=v4-8',
+                 '--repo=r', '--workdir=/local/dir')
+  assert missing.returncode == 2 and 'gs://' in missing.stderr
+
+
+def test_gpu_and_slurm_dry_runs():
+  gpu = bash('launch/gpu.sh', '--dry-run', '--install', '--config=configs/demo.py', '--workdir=runs/d', '--',
+             '--config.batch_size=128')
+  assert gpu.returncode == 0, gpu.stderr
+  assert gpu.stdout.splitlines() == [
+      'python3 -m pip install -r requirements.txt ',
+      'python3 -m pip install -U jax\\[cuda12\\]==0.10.2 ',
+      'python3 -m pip install -e . ',
+      'env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 python3 -m udi_jax.main --config=configs/demo.py '
+      '--workdir=runs/d --config.batch_size=128 ']
+  slurm = bash('launch/slurm.sbatch', '--dry-run', '--workdir=/shared/runs/s16')
+  assert slurm.returncode == 0, slurm.stderr
+  assert slurm.stdout.strip() == ('srun --ntasks-per-node=1 env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 python3 -m '
+                                  'udi_jax.main --config=configs/vits16.py --workdir=/shared/runs/s16 --distributed')
+  assert bash('launch/slurm.sbatch', '--dry-run').returncode == 2
+
+
+@pytest.mark.slow
+def test_colab_notebook_runs_end_to_end_on_the_cpu(tmp_path):
+  nbformat = pytest.importorskip('nbformat')
+  nbclient = pytest.importorskip('nbclient')
+  notebook = nbformat.read(REPO / 'launch' / 'colab.ipynb', as_version=4)
+  shortened = ('--config.epochs=1 --config.data.max_examples=512 --config.eval.max_train_examples=600 '
+               '--config.eval.max_test_examples=200')
+  workdir = tmp_path / 'colab_demo'
+  settings = {'UDI_REPO': str(REPO), 'UDI_DEMO_ARGS': shortened, 'UDI_WORKDIR': str(workdir)}
+  client = nbclient.NotebookClient(notebook, timeout=900, kernel_name='python3',
+                                   resources={'metadata': {'path': str(tmp_path)}})
+  client.execute(env={**env(1), **settings})
+  outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
+  assert not [o for o in outputs if o.get('output_type') == 'error']
+  text = ''.join(o.get('text', '') for o in outputs)
+  assert 'pretrained teacher' in text or any('text/markdown' in o.get('data', {}) for o in outputs)
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 4
+  assert 'model.load_state_dict(' in text
+  assert (workdir / 'export' / 'udi_demo_timm.safetensors').is_file()
+
+
+def test_benchmark_prints_every_figure_on_the_cpu():
+  result = subprocess.run([sys.executable, '-m', 'udi_jax.benchmark', '--config=configs/demo.py', '--steps=2',
+                           '--warmup=1', '--per_device_batch=8'], cwd=REPO, env=env(1), capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if 'per-device batch 8' in l]
+  assert line, result.stdout
+  for figure in ('step ', ' ms', 'images/s per device', 'peak memory n/a', 'GFLOP/image (XLA ', 'MFU n/a'):
+    assert figure in line[0], (figure, line[0])
+
+
+def test_analytic_flops_of_the_released_recipe():
+  from configs import vits16
+  from udi_jax.benchmark import udi_flops_per_image
+  flops = udi_flops_per_image(vits16.get_config())
+  print(f'ViT-S/16, 2x224 + 10x96: {flops / 1e9:.1f} GFLOP per image and step')
+  assert 125e9 < flops < 160e9     # DESIGN contract 11: about 144
