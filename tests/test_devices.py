@@ -6,6 +6,7 @@ each device differentiates its share of the loss, and the shares' gradients sum 
 Tolerances: float32 summation order only (relative 1e-5 for losses and centres, 1e-4 for gradients).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -44,7 +45,10 @@ def setup():
                                    crops_global, crops_local, samples, 0.05,
                                    drop_path_keys=rng.stream(keys, 'drop_path'), axis_name=axis_name)
     (_, out), grads = jax.value_and_grad(loss, has_aux=True)(student)
-    return out, grads
+    # Targets are per-example rows, view-major (2B, K): split off the view axis so that the batch
+    # axis can be gathered over devices; everything else in `out` is pooled (replicated).
+    targets = {k: v.reshape(2, -1, v.shape[-1]) for k, v in out.targets.items()}
+    return dataclasses.replace(out, targets={}), targets, grads
 
   inputs = (student, centres, crops_global, crops_local, boxes, index)
   single = jax.jit(per_device)(*inputs)
@@ -52,9 +56,12 @@ def setup():
 
 
 def assert_same(result, single):
-  (out, grads), (ref, ref_grads) = result, single
+  (out, targets, grads), (ref, ref_targets, ref_grads) = result, single
   rel = lambda a, b: float(jnp.linalg.norm(jnp.ravel(a - b)) / jnp.linalg.norm(jnp.ravel(b)))
   assert rel(out.loss, ref.loss) <= 1e-5
+  assert sorted(targets) == sorted(ref_targets) == ['cls', 'cls_plus']
+  for k in ref_targets:
+    assert rel(targets[k], ref_targets[k]) <= 1e-5, k
   for tree, ref_tree in ((out.components, ref.components), (out.levels, ref.levels),
                          (out.metrics, ref.metrics)):
     for k in ref_tree:
@@ -72,7 +79,7 @@ def test_shard_map_with_vma_equals_one_device(setup):
   mesh = Mesh(np.array(jax.devices()), ('data',))
   mapped = jax.jit(jax.shard_map(functools.partial(per_device, axis_name='data'), mesh=mesh,
                                  in_specs=(P(), P(), P('data'), P('data'), P('data'), P('data')),
-                                 out_specs=P()))
+                                 out_specs=(P(), P(None, 'data'), P())))
   print('shard_map worst gradient error', assert_same(mapped(*inputs), single))
 
 
@@ -80,14 +87,17 @@ def test_pmap_with_explicit_gradient_sum_equals_one_device(setup):
   per_device, inputs, single = setup
 
   def body(*args):
-    out, grads = per_device(*args, axis_name='data')
-    return out, jax.lax.psum(grads, 'data')
+    out, targets, grads = per_device(*args, axis_name='data')
+    return out, targets, jax.lax.psum(grads, 'data')
 
   student, centres, *batch = inputs
   split = [np.reshape(x, (8, -1) + x.shape[1:]) for x in batch]
-  out, grads = jax.pmap(body, axis_name='data', in_axes=(None, None, 0, 0, 0, 0))(student, centres, *split)
+  out, targets, grads = jax.pmap(body, axis_name='data', in_axes=(None, None, 0, 0, 0, 0))(
+      student, centres, *split)
   first = lambda tree: jax.tree.map(lambda x: x[0], tree)
-  print('pmap worst gradient error', assert_same((first(out), first(grads)), single))
+  # (device, view, B/8, K) -> (view, B, K), the order the 1-device run returns.
+  targets = {k: jnp.moveaxis(v, 0, 1).reshape(2, BATCH, -1) for k, v in targets.items()}
+  print('pmap worst gradient error', assert_same((first(out), targets, first(grads)), single))
 
 
 def test_randomness_is_per_example(setup):

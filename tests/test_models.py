@@ -34,12 +34,15 @@ def test_vit_small_parameter_counts_match_spec():
 
 @pytest.mark.parametrize('arch', ['vit_tiny', 'vit_base'])
 def test_other_sizes_build_and_evaluate_the_objective(arch):
-  """Ti/16 and B/16 at full width and depth, 224/96 px crops, one objective evaluation."""
+  """Ti/16 and B/16 at full width and depth (64/32 px crops to keep the CPU time short), one objective
+  evaluation."""
   config = vits16.get_config()
   config.model.arch = arch
   config.model.dtype = 'float32'
   config.model.out_dim = 4096
   config.data.num_local = 2
+  config.data.global_size, config.data.local_size = 64, 32
+  config.udi.global_window, config.udi.local_window = 2, 1
   nets = build_networks(config)
   params = nets.init(jax.random.key(0))
   assert params['readout']['attn']['qkv']['kernel'].shape[0] == nets.backbone.embed_dim
