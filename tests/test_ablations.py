@@ -127,6 +127,21 @@ def test_bad_switch_values_are_refused():
     config.udi[field] = value
     with pytest.raises(ConfigError, match=message):
       validate(config, num_devices=8)
+  config = tiny_config()
+  config.udi.include_patch, config.model.num_cls_tokens = False, 1
+  config.udi.local_patch_loss = True
+  with pytest.raises(ConfigError, match='local_patch_loss=True needs the patch branch'):
+    validate(config, num_devices=8)
+  config = tiny_config()
+  config.udi.include_patch = False
+  with pytest.raises(ConfigError, match='num_cls_tokens=1'):
+    validate(config, num_devices=8)
+  from configs import demo
+  config = demo.get_config()
+  validate(config, num_devices=8)
+  config.eval.tokens = ('cls', 'cls+')
+  with pytest.raises(ConfigError, match=r"config.eval.tokens holds \['cls\+'\]"):
+    validate(config, num_devices=8)
 
 
 @pytest.mark.slow

@@ -4,11 +4,14 @@ field and the fix."""
 from __future__ import annotations
 
 from udi_jax.data.pipeline import settings_from_config
+from udi_jax.evaluate.features import KINDS
 from udi_jax.method.objective import ObjectiveSettings
 from udi_jax.method.sampling import SamplingSettings
 from udi_jax.models.networks import build_networks
 from udi_jax.train.optimizer import OptimizerSettings
 from udi_jax.train.step import PARALLEL
+
+EVAL_TOKENS = KINDS[:4]         # 'linear' is the probe's own feature, not a token choice
 
 
 class ConfigError(ValueError):
@@ -66,6 +69,13 @@ def _validate(config, num_devices: int, num_processes: int) -> None:
     import pathlib
     _require(pathlib.Path(config.init_from[len('torch:'):]).is_file(),
              f'config.init_from={config.init_from}: no such file; give torch:PATH to a .pth or .safetensors file.')
+  udi = config.udi
+  _require(not udi.local_patch_loss or (udi.include_patch and data.num_local > 0),
+           'config.udi.local_patch_loss=True needs the patch branch and local crops; set '
+           'config.udi.include_patch=True and config.data.num_local > 0, or local_patch_loss=False.')
+  if 'eval' in config:
+    unknown = [t for t in config.eval.tokens if t not in EVAL_TOKENS]
+    _require(not unknown, f'config.eval.tokens holds {unknown}; choose from {EVAL_TOKENS}.')
   build_networks(config)
   SamplingSettings.from_config(config)
   ObjectiveSettings.from_config(config)
