@@ -76,7 +76,10 @@ def test_probability_mixing_is_the_arithmetic_mixture():
   np.testing.assert_allclose(t03, 0.3 * t1 + 0.7 * t0, atol=1e-6)
   np.testing.assert_allclose(np.sum(t03, -1), 1.0, atol=1e-5)
   assert np.abs(t1 - t0).max() > 1e-3
-  assert results[0.3].centres['cls_plus'] is not None
+  # The mixture has no cls+ logits to centre: c1 is carried unchanged while c0 and c2 move.
+  table = 0.05 * np.random.default_rng(2).normal(size=(3, config.model.out_dim)).astype(np.float32)
+  np.testing.assert_array_equal(results[0.3].centres['cls_plus'], table[1])
+  assert np.abs(results[0.3].centres['cls'] - table[0]).max() > 1e-4
 
 
 def test_local_patch_loss_adds_a_local_term_to_the_patch_level_only():
