@@ -181,7 +181,7 @@ def test_two_point_sweep_resumes_and_writes_table_and_plot(tmp_path, monkeypatch
   assert 0 <= result['knn_top1'] <= 100 and 0 <= result['linear_top1'] <= 100
 
 
-def test_grid_syntax():
+def test_grid_syntax(tmp_path):
   from configs import demo
   from udi_jax import sweep
   config = demo.get_config()
@@ -192,3 +192,7 @@ def test_grid_syntax():
   assert sweep.apply(config, points[-1]).model.num_cls_tokens == 1     # the DINO baseline
   with pytest.raises(ValueError, match='no config field'):
     sweep.parse_grid('gamma=1', config)
+  # A bad value anywhere in the grid is refused before the first point trains.
+  with pytest.raises(ValueError, match=r'point alpha=2.0: config.udi.alpha=2.0 is outside \[0, 1\]'):
+    sweep.sweep(config, 'alpha=0.5,2', tmp_path)
+  assert not (tmp_path / 'points').exists()

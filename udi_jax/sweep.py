@@ -115,6 +115,7 @@ def apply(config, point: dict[str, Any]):
 
 def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[str, Any]:
   from udi_jax.evaluate import run as evaluation
+  from udi_jax.models.networks import build_networks
   from udi_jax.train.loop import train_and_evaluate
   result_path = directory / 'result.json'
   if result_path.exists():
@@ -123,7 +124,6 @@ def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[st
   config.eval.report = False
   started = time.time()
   state = train_and_evaluate(config, str(directory))
-  from udi_jax.models.networks import build_networks
   nets = build_networks(config)
   network = state.teacher if config.eval.network == 'teacher' else state.student
   results = evaluation.evaluate(config, nets, jax.device_get(network), directory, 'final', protocols=('knn', 'linear'))
@@ -185,13 +185,20 @@ def sweep(config, grid: str, directory: str | pathlib.Path, only: str = '') -> s
     points = [p for p in points if point_name(p) == only]
     if not points:
       raise ValueError(f'--only={only} is not a point of the grid.')
+  # Every point is checked before the first one trains, so a bad value cannot stop a sweep half-way.
+  from udi_jax.config_check import validate
+  for point in points:
+    try:
+      validate(apply(config, point), jax.device_count(), jax.process_count())
+    except ValueError as e:
+      raise ValueError(f'point {point_name(point)}: {e}') from e
   results = []
   for i, point in enumerate(points):
     name = point_name(point)
     done = (directory / 'points' / name / 'result.json').exists()
     print(f'[{i + 1}/{len(points)}] {name}' + (' (done, skipped)' if done else ''), flush=True)
     results.append(run_point(config, point, directory / 'points' / name))
-  if jax.process_index() != 0:
+  if only or jax.process_index() != 0:      # one job of many: the run without --only tabulates
     return ''
   table = summarise(results, directory)
   print(table, flush=True)
