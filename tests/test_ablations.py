@@ -145,6 +145,10 @@ def test_bad_switch_values_are_refused():
   config.eval.tokens = ('cls', 'cls+')
   with pytest.raises(ConfigError, match=r"config.eval.tokens holds \['cls\+'\]"):
     validate(config, num_devices=8)
+  config = demo.get_config()
+  config.eval.network = 'techer'
+  with pytest.raises(ConfigError, match="config.eval.network='techer' is not known"):
+    validate(config, num_devices=8)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from udi_jax.data.pipeline import settings_from_config
 from udi_jax.evaluate.features import KINDS
+from udi_jax.evaluate.run import NETWORKS
 from udi_jax.method.objective import ObjectiveSettings
 from udi_jax.method.sampling import SamplingSettings
 from udi_jax.models.networks import build_networks
@@ -74,6 +75,8 @@ def _validate(config, num_devices: int, num_processes: int) -> None:
            'config.udi.local_patch_loss=True needs the patch branch and local crops; set '
            'config.udi.include_patch=True and config.data.num_local > 0, or local_patch_loss=False.')
   if 'eval' in config:
+    _require(config.eval.network in NETWORKS,
+             f'config.eval.network={config.eval.network!r} is not known; use one of {NETWORKS}.')
     unknown = [t for t in config.eval.tokens if t not in EVAL_TOKENS]
     _require(not unknown, f'config.eval.tokens holds {unknown}; choose from {EVAL_TOKENS}.')
   build_networks(config)

@@ -93,7 +93,7 @@ def evaluate_checkpoint(config, workdir: pathlib.Path) -> dict:
   checkpoints = Checkpoints(directory, asynchronous=False)
   state, _, step = checkpoints.restore(abstract_state(trainer.nets, trainer.tx, mesh), step)
   checkpoints.close()
-  params = state.teacher if config.eval.network == 'teacher' else state.student
+  params = evaluation.evaluated_network(config, state)
   name = f'step{step}_{config.eval.network}'
   results = evaluation.evaluate(config, trainer.nets, jax.device_get(params), workdir, name,
                                 tuple(config.eval.protocols))

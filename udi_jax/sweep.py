@@ -125,9 +125,9 @@ def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[st
   started = time.time()
   state = train_and_evaluate(config, str(directory))
   nets = build_networks(config)
-  network = state.teacher if config.eval.network == 'teacher' else state.student
-  results = evaluation.evaluate(config, nets, jax.device_get(network), directory, 'final', protocols=('knn', 'linear'))
-  k = 20 if 20 in config.eval.knn_ks else config.eval.knn_ks[0]
+  network = jax.device_get(evaluation.evaluated_network(config, state))
+  results = evaluation.evaluate(config, nets, network, directory, 'final', protocols=('knn', 'linear'))
+  k = evaluation.reported_k(config)
   token = evaluation.token_kinds(config, nets)[0]
   result = {'name': point_name(point), 'point': dict(point), 'knn_top1': results['knn'][token][f'top1@{k}'],
             'knn_token': token, 'k': k, 'linear_top1': results['linear']['top1'],

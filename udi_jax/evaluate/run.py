@@ -19,6 +19,17 @@ from udi_jax.evaluate import attention, features, knn, linear
 from udi_jax.models.networks import Networks
 
 PROTOCOLS = ('knn', 'linear', 'lowshot')
+NETWORKS = ('teacher', 'student')
+
+
+def evaluated_network(config, state) -> dict:
+  """The params `config.eval.network` names, of a TrainState."""
+  return state.teacher if config.eval.network == 'teacher' else state.student
+
+
+def reported_k(config) -> int:
+  """The k that tables and summaries report: 20 when it is evaluated, else the first."""
+  return 20 if 20 in config.eval.knn_ks else config.eval.knn_ks[0]
 
 
 def eval_sources(config) -> tuple[Source, Source]:
@@ -112,7 +123,7 @@ def comparison_table(config, nets: Networks, init_params: dict, trained_params: 
   """The demo's k-NN table: raw pixels, the network at initialisation, the trained network per token."""
   train, test = eval_sources(config)
   tokens = token_kinds(config, nets)
-  k = 20 if 20 in config.eval.knn_ks else config.eval.knn_ks[0]
+  k = reported_k(config)
   rows = [('raw pixels', '-', raw_pixel_knn(train, test, config))]
   init = knn_results(nets, init_params['backbone'], train, test, config, tokens)
   trained = knn_results(nets, trained_params['backbone'], train, test, config, tokens)

@@ -213,19 +213,19 @@ def train_and_evaluate(config, workdir: str, *, step_hook: Optional[Callable] = 
             flush=True)
     last_log_time, last_log_step = time.time(), step
 
-  network = lambda st: st.teacher if config.eval.network == 'teacher' else st.student
-
   def knn_now(step: int):
     from udi_jax.evaluate import run as evaluation   # only when asked: opens the evaluation splits
     train, test = evaluation.eval_sources(config)
     tokens = evaluation.token_kinds(config, trainer.nets)
-    results = evaluation.knn_results(trainer.nets, network(state)['backbone'], train, test, config, tokens)
+    backbone = evaluation.evaluated_network(config, state)['backbone']
+    results = evaluation.knn_results(trainer.nets, backbone, train, test, config, tokens)
     flat = {f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()}
     writer.write_scalars(step, flat)
     if primary:
       with open(workdir / 'metrics.jsonl', 'a') as f:
         f.write(json.dumps({'step': step, **flat}) + '\n')
-      print(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@20 {r.get("top1@20", float("nan")):.2f}'
+      k = evaluation.reported_k(config)
+      print(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}'
                                                    for t, r in results.items()), flush=True)
 
   with Preemption() as preemption:
@@ -263,7 +263,7 @@ def final_report(config, trainer: Trainer, state: TrainState, mesh: Mesh, workdi
   """After training: the k-NN table (raw pixels, initialisation, trained network) and pictures."""
   from udi_jax.evaluate import run as evaluation
   init = create_state(trainer.nets, trainer.tx, jax.random.key(config.seed), mesh)
-  pick = lambda st: jax.device_get(st.teacher if config.eval.network == 'teacher' else st.student)
+  pick = lambda st: jax.device_get(evaluation.evaluated_network(config, st))
   table, _ = evaluation.comparison_table(config, trainer.nets, pick(init), pick(state), workdir)
   pictures = evaluation.pictures(config, trainer.nets, pick(state), workdir)
   if jax.process_index() == 0:
