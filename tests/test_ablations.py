@@ -7,22 +7,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny import perturbed_teacher, random_batch, tiny_config
+from tests.helpers import centre_table, perturbed_teacher, random_batch, tiny_config
 from udi_jax.interop.official import centres_from_official
 from udi_jax.method.objective import ObjectiveSettings, udi_objective
 from udi_jax.method.sampling import SamplingSettings, draw_cells, draw_samples
 from udi_jax.models.networks import build_networks
 
 
-def evaluate(config, batch=3, seed=0, centre_table=None, params=None):
+def evaluate(config, batch=3, seed=0, table=None, params=None):
   nets = build_networks(config)
   student = params if params is not None else nets.init(jax.random.key(0))
   teacher = perturbed_teacher(student)
   crops_global, crops_local, boxes = random_batch(config, batch, seed)
   samples = (draw_samples(jnp.asarray(boxes), jax.random.split(jax.random.key(3), batch),
                           SamplingSettings.from_config(config)) if 'patch' in nets.levels else None)
-  table = centre_table if centre_table is not None else \
-      0.05 * np.random.default_rng(2).normal(size=(3, config.model.out_dim)).astype(np.float32)
+  table = centre_table(config.model.out_dim) if table is None else table
   centres = centres_from_official(table, nets.levels)
   _, out = jax.jit(lambda s: udi_objective(nets, ObjectiveSettings.from_config(config), s, teacher, centres,
                                            crops_global, crops_local, samples, 0.05))(student)
@@ -37,7 +36,7 @@ def test_without_patch_branch_it_is_exactly_the_dino_loss():
   assert nets.levels == ('cls',) and set(out.components) == {'g_cls', 'l_cls'}
   apply = lambda p, x: nets.project(p, 'cls', nets.embed(p, 'cls', nets.backbone.apply(
       {'params': p['backbone']}, x).cls[:, 0]))
-  table = 0.05 * np.random.default_rng(2).normal(size=(3, config.model.out_dim)).astype(np.float32)
+  table = centre_table(config.model.out_dim)
   teacher_probs = [jax.nn.softmax((apply(teacher, crops_global[:, v]) - table[0]) / 0.05) for v in range(2)]
   student_crops = [crops_global[:, 0], crops_global[:, 1]] + [crops_local[:, k] for k in range(crops_local.shape[1])]
   total, terms = 0.0, 0
@@ -53,12 +52,12 @@ def test_without_patch_branch_it_is_exactly_the_dino_loss():
 def test_alpha_zero_makes_the_cls_plus_target_the_cls_target():
   config = tiny_config()
   config.udi.alpha = 0.0
-  table = 0.05 * np.random.default_rng(2).normal(size=(3, config.model.out_dim)).astype(np.float32)
+  table = centre_table(config.model.out_dim)
   table[1] = table[0]                                    # same centre, so the same distribution
-  _, _, _, _, out = evaluate(config, centre_table=table)
+  _, _, _, _, out = evaluate(config, table=table)
   np.testing.assert_allclose(out.targets['cls_plus'], out.targets['cls'], atol=1e-6)
   config.udi.alpha = 0.5
-  _, _, _, _, out = evaluate(config, centre_table=table)
+  _, _, _, _, out = evaluate(config, table=table)
   assert np.abs(out.targets['cls_plus'] - out.targets['cls']).max() > 1e-3
 
 
@@ -77,7 +76,7 @@ def test_probability_mixing_is_the_arithmetic_mixture():
   np.testing.assert_allclose(np.sum(t03, -1), 1.0, atol=1e-5)
   assert np.abs(t1 - t0).max() > 1e-3
   # The mixture has no cls+ logits to centre: c1 is carried unchanged while c0 and c2 move.
-  table = 0.05 * np.random.default_rng(2).normal(size=(3, config.model.out_dim)).astype(np.float32)
+  table = centre_table(config.model.out_dim)
   np.testing.assert_array_equal(results[0.3].centres['cls_plus'], table[1])
   assert np.abs(results[0.3].centres['cls'] - table[0]).max() > 1e-4
 
@@ -123,7 +122,8 @@ def test_separate_heads_one_per_active_level():
 
 
 def test_bad_switch_values_are_refused():
-  from udi_jax.config_check import ConfigError, validate
+  from udi_jax.errors import ConfigError
+  from udi_jax.train.loop import check_config as validate
   for field, value, message in (('sampling', 'random', "config.udi.sampling='random'"),
                                 ('target_mixing', 'mean', "config.udi.target_mixing='mean'")):
     config = tiny_config()
@@ -151,15 +151,16 @@ def test_bad_switch_values_are_refused():
     validate(config, num_devices=8)
 
 
-@pytest.mark.slow
-def test_two_point_sweep_resumes_and_writes_table_and_plot(tmp_path, monkeypatch):
+def test_two_point_sweep_resumes_and_writes_table_and_plot(tiny_run, tmp_path, monkeypatch):
+  """Two points that train the shared run's config (the grid varies the linear probe, so both points
+  reuse its compiled step): the first finishes, the sweep is interrupted, and run again it skips the
+  finished point, trains the second and tabulates both."""
   from tests import tiny_train_config
   from udi_jax import sweep
   config = tiny_train_config.get_config()
-  config.epochs = 1
   config.log_every_steps = 4
   config.checkpoint_every_steps = 0
-  grid = 'alpha=0,1'
+  grid = 'linear_lr=0.01,0.02'
   calls = []
   real = sweep.run_point
 
@@ -173,15 +174,16 @@ def test_two_point_sweep_resumes_and_writes_table_and_plot(tmp_path, monkeypatch
   with pytest.raises(KeyboardInterrupt):
     sweep.sweep(config, grid, tmp_path)
   monkeypatch.setattr(sweep, 'run_point', real)
-  first = tmp_path / 'points' / 'alpha=0.0' / 'result.json'
+  first = tmp_path / 'points' / 'linear_lr=0.01' / 'result.json'
   stamp = first.stat().st_mtime
+  assert not (tmp_path / 'points' / 'linear_lr=0.02').exists()
   table = sweep.sweep(config, grid, tmp_path)
   assert first.stat().st_mtime == stamp                      # the finished point was not redone
-  assert 'alpha=0.0' in table and 'alpha=1.0' in table
+  assert 'linear_lr=0.01' in table and 'linear_lr=0.02' in table
   rows = (tmp_path / 'table.csv').read_text().splitlines()
-  assert len(rows) == 3 and rows[0].startswith('udi.alpha')
+  assert len(rows) == 3 and rows[0].startswith('eval.linear_lr')
   assert (tmp_path / 'plot.png').stat().st_size > 1000
-  result = json.loads((tmp_path / 'points' / 'alpha=1.0' / 'result.json').read_text())
+  result = json.loads((tmp_path / 'points' / 'linear_lr=0.02' / 'result.json').read_text())
   assert 0 <= result['knn_top1'] <= 100 and 0 <= result['linear_top1'] <= 100
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from configs import vits16
 from tests import golden
-from tests.test_training_run import REPO, env, restore
+from tests.helpers import REPO, env, frozen_init_config, rel, restore
 from udi_jax import export
 from udi_jax.data.photometric import preprocess
 from udi_jax.interop import layouts, official, torch_files
@@ -46,10 +46,6 @@ def timm_model(nets, img_size, tokens=2):
       class_token=True, reg_tokens=tokens - 1, no_embed_class=False, num_classes=0, global_pool='token').eval()
 
 
-def rel(a, b):
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.mark.parametrize('size', [224, 96])
 def test_timm_export_equals_the_jax_model(golden_model, tmp_path, size):
   """strict=True load; class and patch tokens agree to 1e-5 (96 px with the table baked by img_size)."""
@@ -77,7 +73,7 @@ def test_official_layout_has_the_spec_keys_for_vit_small():
   shapes = jax.eval_shape(nets.init, jax.random.key(0))
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
   centres = {level: np.zeros(65536, np.float32) for level in nets.levels}
-  obj = export.payload('udi', nets, zeros, zeros, centres)
+  obj = layouts.payload('udi', nets, zeros, zeros, centres)
   assert len(obj['teacher']) == 182 and len(obj['student']) == 182
   assert all(k.startswith('module.') for k in obj['student'])
   assert {k for k in obj['teacher'] if k.startswith('head.')} == {
@@ -86,7 +82,7 @@ def test_official_layout_has_the_spec_keys_for_vit_small():
           'last_layer.weight_g', 'last_layer.weight_v')}
   assert obj['teacher']['head.1.last_layer.weight_v'].shape == (65536, 256)
   assert obj['udi_loss']['centering.center'].shape == (3, 65536)
-  dino = export.payload('dino', nets, zeros, zeros, centres)
+  dino = layouts.payload('dino', nets, zeros, zeros, centres)
   assert dino['cls_token'].shape == (1, 1, 384) and dino['pos_embed'].shape == (1, 197, 384)
 
 
@@ -95,7 +91,7 @@ def test_tiny_run_exports_and_reimports_bitwise(tiny_run, tmp_path):
   state, _ = restore(workdir, config)
   like = jax.eval_shape(build_networks(config).init, jax.random.key(0))
   message = export.export(workdir, 'udi', tmp_path / 'udi.pth')
-  assert 'official UDI checkpoint layout (step 8)' in message
+  assert 'official UDI checkpoint layout (step 12)' in message
   back = torch_files.load_torch_checkpoint(tmp_path / 'udi.pth', like)
   assert back.layout == 'udi-checkpoint' and back.unused_keys == []
   jax.tree.map(np.testing.assert_array_equal, back.params, jax.tree.map(np.asarray, state.teacher))
@@ -154,24 +150,20 @@ def test_bad_files_give_one_clear_sentence(tiny_run, tmp_path):
 
 def test_init_from_a_pytorch_file(tiny_run, tmp_path):
   from udi_jax.train.loop import train_and_evaluate
-  from tests import tiny_train_config
   config, workdir = tiny_run
   source, _ = restore(workdir, config)
   export.export(workdir, 'udi', tmp_path / 'udi.pth')
-  new = tiny_train_config.get_config()
-  new.epochs = 1
-  new.init_from = f'torch:{tmp_path / "udi.pth"}'
-  new.optim.lr = 0.0
-  new.udi.momentum_teacher = 1.0
-  state = jax.device_get(train_and_evaluate(new, str(tmp_path / 'run')))
+  result = train_and_evaluate(frozen_init_config(f'torch:{tmp_path / "udi.pth"}'), str(tmp_path / 'run'))
+  state = jax.device_get(result.state)
   jax.tree.map(np.testing.assert_array_equal, state.teacher, source.teacher)
+  jax.tree.map(np.testing.assert_array_equal, state.student, source.teacher)   # one network, both roles
 
 
 def test_export_command_line(tiny_run, tmp_path):
   _, workdir = tiny_run
   out = tmp_path / 'vit96.safetensors'
   result = subprocess.run([sys.executable, '-m', 'udi_jax.export', f'--workdir={workdir}', '--format=timm',
-                           f'--out={out}', '--img-size=32'], cwd=REPO, env=env(1), capture_output=True,
+                           f'--out={out}', '--img_size=32'], cwd=REPO, env=env(1), capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'img_size=32' in result.stdout and out.is_file()

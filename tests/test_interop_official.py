@@ -6,7 +6,7 @@ import pytest
 
 from configs import vits16
 from tests import golden
-from tests.tiny import tiny_config
+from tests.helpers import tiny_config
 from udi_jax.interop import official
 from udi_jax.models.networks import build_networks
 

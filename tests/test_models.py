@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import vits16
-from tests.tiny import random_batch, tiny_config
+from tests.helpers import random_batch, tiny_config
 from udi_jax.method.objective import ObjectiveSettings, init_centres, udi_objective
 from udi_jax.method.sampling import SamplingSettings, draw_samples
 from udi_jax.models.networks import build_networks

@@ -8,22 +8,16 @@ dense maps, as the official code does; it is itself checked against the golden n
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from tests.reference_udi import official_maps, reference_loss
-from tests.tiny import perturbed_teacher, random_batch, tiny_config
+from tests.helpers import centre_table, perturbed_teacher, random_batch, rel, tiny_config
 from udi_jax.interop.official import centres_from_official, centres_to_official
 from udi_jax.method.objective import ObjectiveSettings, udi_objective
 from udi_jax.method.sampling import SamplingSettings, draw_samples
 from udi_jax.models.networks import build_networks
 
 NAMES = {'g_cls': 'g_cl', 'g_cls_plus': 'g_mcl', 'g_patch': 'g_pch', 'l_cls': 'l_cl', 'l_cls_plus': 'l_mcl'}
-
-
-def rel(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.mark.parametrize('num_cls_tokens', [2, 1])
@@ -38,7 +32,7 @@ def test_optimised_objective_equals_straightforward_form(num_cls_tokens):
   samples = draw_samples(jnp.asarray(boxes), jax.random.split(jax.random.key(3), batch),
                          SamplingSettings.from_config(config))
   assert 0 < float(samples.student_mask.mean()) < 1                 # valid and invalid rows both occur
-  table = 0.05 * np.random.default_rng(2).normal(size=(3, config.model.out_dim)).astype(np.float32)
+  table = centre_table(config.model.out_dim)
   centres = centres_from_official(table, nets.levels)
   settings = ObjectiveSettings.from_config(config)
   temp = 0.05

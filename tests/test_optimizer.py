@@ -6,10 +6,11 @@ import optax
 import pytest
 
 from tests import golden
+from tests.helpers import adam_moments, max_rel, rel
 from udi_jax.interop import official
 from udi_jax.method.schedules import Schedules
 from udi_jax.models.networks import build_networks
-from udi_jax.train.optimizer import OptimizerSettings, adam_moments, in_decay_group, make_optimizer
+from udi_jax.train.optimizer import OptimizerSettings, in_decay_group, make_optimizer
 
 # The toy run of the golden file: 20 epochs x 2 iterations, warm-up 3, base lr 5e-4 * 1024/256.
 TOY = dict(epochs=20, lr=2e-3, min_lr=1e-5, warmup_epochs=3, weight_decay=0.04, weight_decay_end=0.1,
@@ -27,7 +28,7 @@ def test_schedules_equal_the_official_ones():
   long = Schedules(steps_per_epoch=1, **{**TOY, 'epochs': 300}, warmup_teacher_temp_epochs=30)
   ours['teacher_temp_300ep_default'] = long.teacher_temperature(np.arange(300))
   for key, value in ours.items():
-    error = np.abs(np.asarray(value, np.float64) - ref[key]).max() / np.abs(ref[key]).max()
+    error = max_rel(value, ref[key])
     print(f'{key}: max|d|/max|ref| = {error:.1e}')
     assert error <= 1e-6, key
   assert float(s.learning_rate(0)) == 0.0
@@ -77,7 +78,7 @@ def test_optimiser_steps_equal_the_official_ones():
         if not np.any(ref):
           assert not np.any(got), (it, kind, name)      # no state yet: exactly zero
           continue
-        error = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        error = rel(got, ref)
         worst[kind] = max(worst.get(kind, 0.0), error)
         assert error <= 1e-6, (it, kind, name, error)
   print('worst relative error per kind:', worst)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.test_training_run import REPO, env
+from tests.helpers import REPO, env
 
 LAUNCHERS = ['launch/tpu_pod.sh', 'launch/gpu.sh', 'launch/slurm.sbatch']
 

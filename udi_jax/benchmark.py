@@ -26,8 +26,9 @@ from typing import Optional
 import jax
 import numpy as np
 from absl import app, flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
+
+from udi_jax.mesh import batch_sharding, data_mesh
 
 # Dense bf16 peak TFLOP/s per device, by `device_kind`.
 PEAK_BF16_TFLOPS = {
@@ -57,7 +58,7 @@ def _readout_flops(width: int, patches: int, points: int) -> float:
 
 def udi_flops_per_image(config) -> float:
   """Analytic model FLOPs of one training step, per image (see the module docstring)."""
-  from udi_jax.models.networks import build_networks
+  from udi_jax.models.networks import PATCH, build_networks
   nets = build_networks(config)
   b, h = nets.backbone, nets.head
   d, t, p = b.embed_dim, b.num_cls_tokens, b.patch_size
@@ -68,7 +69,7 @@ def udi_flops_per_image(config) -> float:
   g_window, l_window = config.udi.global_window, config.udi.local_window
   s_g = (int(n_g ** 0.5) // g_window) ** 2
   s_l = (int(n_l ** 0.5) // l_window) ** 2
-  patch = 'patch' in nets.levels
+  patch = PATCH in nets.levels
   student = (2 * _vit_forward_flops(d, b.depth, t + n_g, n_g, p)
              + crops * _vit_forward_flops(d, b.depth, t + n_l, n_l, p)
              + t * (2 + crops) * (mlp + last))
@@ -107,19 +108,17 @@ class Result:
 
 
 def measure(config, per_device_batch: int, steps: int, warmup: int, peak: Optional[float]) -> Result:
-  from udi_jax.train.loop import trainer_from_config
   from udi_jax.train.state import create_state
-  from udi_jax.train.step import make_train_step
+  from udi_jax.train.step import Trainer, make_train_step
   devices = jax.devices()
   config = config.copy_and_resolve_references()
   config.batch_size = per_device_batch * len(devices)
-  mesh = Mesh(np.array(devices), ('data',))
-  trainer = trainer_from_config(config, steps_per_epoch=1000)
+  mesh = data_mesh()
+  trainer = Trainer.from_config(config, steps_per_epoch=1000)
   state = create_state(trainer.nets, trainer.tx, jax.random.key(0), mesh)
   step = make_train_step(trainer, mesh, config.parallel)
-  sharding = NamedSharding(mesh, P('data'))
   host = synthetic_batch(config, config.batch_size)
-  batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()} \
+  batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v) for k, v in host.items()} \
       if config.parallel == 'shard_map' else host
   compiled_flops = None
   if config.parallel == 'shard_map':

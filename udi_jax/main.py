@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from typing import Optional
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from udi_jax.config_check import ConfigError, validate
+from udi_jax.errors import ConfigError, config_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/vits16.py or configs/demo.py:digits.',
@@ -58,44 +59,52 @@ def main(argv):
   if not FLAGS['verbosity'].present:   # library INFO chatter (orbax, clu) off; progress is printed
     logging.set_verbosity(logging.WARNING)
   initialize_distributed()
+  # After jax.distributed.initialize: nothing may touch the devices before it.
+  from udi_jax.evaluate.report import final_report
+  from udi_jax.train.loop import train_and_evaluate
   config = FLAGS.config
-  workdir = FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config']))
+  workdir = pathlib.Path(FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config'])))
   try:
-    validate(config, jax.device_count(), jax.process_count())
+    if FLAGS.mode == 'eval':
+      evaluate_checkpoint(config, workdir)
+      return
+    result = train_and_evaluate(config, workdir)
   except ConfigError as e:
     print(f'Config error: {e}', file=sys.stderr)
     sys.exit(2)
-  if FLAGS.mode == 'eval':
-    evaluate_checkpoint(config, pathlib.Path(workdir))
-    return
-  from udi_jax.train.loop import train_and_evaluate   # after jax.distributed.initialize
-  try:
-    train_and_evaluate(config, workdir)
   except FloatingPointError as e:
     print(f'Training stopped: {e}', file=sys.stderr)
     sys.exit(1)
+  if config.eval.report and result.completed:
+    final_report(config, result.trainer.nets, result.state, workdir)
+
+
+def eval_checkpoint_path(checkpoint: str, workdir: pathlib.Path) -> tuple[pathlib.Path, Optional[int]]:
+  """(run, step) that config.eval.checkpoint names: '' = the workdir's newest, a number = that step of the
+  workdir, a path = another run (its workdir or checkpoints/ directory), its newest."""
+  if not checkpoint:
+    return workdir, None
+  if checkpoint.isdigit():
+    return workdir, int(checkpoint)
+  return pathlib.Path(checkpoint), None
 
 
 def evaluate_checkpoint(config, workdir: pathlib.Path) -> dict:
   """Restores a checkpoint's network (config.eval.network) and runs config.eval.protocols on it."""
-  import numpy as np
   from udi_jax.evaluate import run as evaluation
-  from udi_jax.train.checkpoint import Checkpoints
-  from udi_jax.train.loop import trainer_from_config
-  from udi_jax.train.state import abstract_state
-  directory, step = evaluation.newest_or(config.eval.checkpoint, workdir)
-  if not directory.is_dir():
-    print(f'No checkpoints in {directory}: train first, or set --config.eval.checkpoint to a run.',
-          file=sys.stderr)
+  from udi_jax.train.checkpoint import restore_run
+  with config_errors():
+    evaluation.check_config(config)
+  run, step = eval_checkpoint_path(config.eval.checkpoint, workdir)
+  try:
+    with config_errors():
+      restored = restore_run(run, step, config=config)
+  except FileNotFoundError as e:
+    print(f'{e} Or set --config.eval.checkpoint to a run.', file=sys.stderr)
     sys.exit(2)
-  trainer = trainer_from_config(config, steps_per_epoch=1)      # shapes only
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  checkpoints = Checkpoints(directory, asynchronous=False)
-  state, _, step = checkpoints.restore(abstract_state(trainer.nets, trainer.tx, mesh), step)
-  checkpoints.close()
-  params = evaluation.evaluated_network(config, state)
-  name = f'step{step}_{config.eval.network}'
-  results = evaluation.evaluate(config, trainer.nets, jax.device_get(params), workdir, name,
+  params = evaluation.evaluated_network(config, restored.state)
+  name = f'step{restored.step}_{config.eval.network}'
+  results = evaluation.evaluate(config, restored.trainer.nets, params, workdir, name,
                                 tuple(config.eval.protocols))
   if jax.process_index() == 0:
     summary = {k: results[k] for k in ('knn', 'linear', 'lowshot') if k in results}

@@ -115,7 +115,6 @@ def apply(config, point: dict[str, Any]):
 
 def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[str, Any]:
   from udi_jax.evaluate import run as evaluation
-  from udi_jax.models.networks import build_networks
   from udi_jax.train.loop import train_and_evaluate
   result_path = directory / 'result.json'
   if result_path.exists():
@@ -123,9 +122,9 @@ def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[st
   config = apply(config, point)
   config.eval.report = False
   started = time.time()
-  state = train_and_evaluate(config, str(directory))
-  nets = build_networks(config)
-  network = jax.device_get(evaluation.evaluated_network(config, state))
+  trained = train_and_evaluate(config, str(directory))
+  nets = trained.trainer.nets
+  network = jax.device_get(evaluation.evaluated_network(config, trained.state))
   results = evaluation.evaluate(config, nets, network, directory, 'final', protocols=('knn', 'linear'))
   k = evaluation.reported_k(config)
   token = evaluation.token_kinds(config, nets)[0]
@@ -186,10 +185,10 @@ def sweep(config, grid: str, directory: str | pathlib.Path, only: str = '') -> s
     if not points:
       raise ValueError(f'--only={only} is not a point of the grid.')
   # Every point is checked before the first one trains, so a bad value cannot stop a sweep half-way.
-  from udi_jax.config_check import validate
+  from udi_jax.train.loop import check_config
   for point in points:
     try:
-      validate(apply(config, point), jax.device_count(), jax.process_count())
+      check_config(apply(config, point), jax.device_count(), jax.process_count())
     except ValueError as e:
       raise ValueError(f'point {point_name(point)}: {e}') from e
   results = []

@@ -32,6 +32,14 @@ class CropSettings:
   flip_prob: float = 0.5
   fix_crop_width_bug: bool = True   # False reproduces udi_augmentation.py:264 (UDI_SPEC §8.5)
 
+  def __post_init__(self):
+    if self.num_local < 0:
+      raise ValueError(f'config.data.num_local={self.num_local} must be 0 or more.')
+    for name in ('global_scale', 'local_scale'):
+      lo, hi = getattr(self, name)
+      if not 0 < lo <= hi <= 1:
+        raise ValueError(f'config.data.{name}={tuple(getattr(self, name))} must satisfy 0 < min <= max <= 1.')
+
   @classmethod
   def from_config(cls, config) -> 'CropSettings':
     data = config.data

@@ -40,9 +40,13 @@ class PhotometricSettings:
   solarize_threshold: int = 128
 
   def __post_init__(self):
-    if self.blur_radius[1] > 2.0:
-      raise ValueError(f'blur radius up to {self.blur_radius[1]} is not supported; keep it <= 2 '
-                       '(the official range is (0.1, 2)).')
+    if not 0 <= self.blur_radius[0] <= self.blur_radius[1] <= 2.0:
+      raise ValueError(f'config.data.blur_radius={tuple(self.blur_radius)} is not supported; keep '
+                       '0 <= min <= max <= 2 (the official range is (0.1, 2)).')
+
+  @classmethod
+  def from_config(cls, config) -> 'PhotometricSettings':
+    return cls(blur_radius=tuple(config.data.blur_radius))
 
 
 def luma(x: jax.Array) -> jax.Array:

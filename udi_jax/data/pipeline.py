@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from udi_jax.data.crops import CropSettings, multi_crop
-from udi_jax.data.sources import Source, UnreadableImage, decode_image
+from udi_jax.data.sources import Source, UnreadableImage, check_spec, decode_image
 
 MAX_SKIPS = 64   # consecutive unreadable examples before giving up on a row
 
@@ -183,6 +183,12 @@ class InputPipeline:
 
 
 def settings_from_config(config) -> PipelineSettings:
+  """The pipeline of `config.data`; refuses an unknown source kind and impossible worker counts."""
+  data = config.data
+  check_spec(data.source, 'config.data.source')
+  if data.num_workers < 0 or data.num_threads < 1:
+    raise ValueError(f'config.data.num_workers={data.num_workers} must be >= 0 and '
+                     f'config.data.num_threads={data.num_threads} >= 1.')
   return PipelineSettings(seed=config.seed, global_batch=config.batch_size,
-                          crops=CropSettings.from_config(config), num_workers=config.data.num_workers,
-                          num_threads=config.data.num_threads)
+                          crops=CropSettings.from_config(config), num_workers=data.num_workers,
+                          num_threads=data.num_threads)

@@ -26,6 +26,8 @@ from PIL import Image
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp', '.bmp')
 BUNDLED = ('mnist5k', 'digits')
+KINDS = ('tfds', 'imagefolder') + BUNDLED
+FORMS = 'tfds:NAME[:SPLIT], imagefolder:PATH[:SPLIT], mnist5k[:SPLIT] or digits[:SPLIT]'
 TFRECORD_IN_MEMORY_LIMIT = 200_000   # examples; beyond this the TFRecord fallback refuses
 MIN_SIDE = 2                         # crop boxes divide by (H-1): smaller images are upsampled
 
@@ -198,6 +200,13 @@ class _ListSource:
     return self.records[index]
 
 
+def check_spec(spec: str, field: str) -> None:
+  """Refuses a source spec (the value of config `field`) of no known kind, before anything is opened."""
+  kind, _, rest = spec.partition(':')
+  if kind not in KINDS or (kind in ('tfds', 'imagefolder') and not rest):
+    raise ValueError(f'{field}={spec!r} is not known; use {FORMS}.')
+
+
 def open_source(spec: str, data_dir: str | None = None) -> Source:
   """The source named by `spec` (see the module docstring)."""
   kind, _, rest = spec.partition(':')
@@ -211,8 +220,12 @@ def open_source(spec: str, data_dir: str | None = None) -> Source:
     if sep and pathlib.Path(path, split).is_dir():
       return image_folder(path, split)
     return image_folder(rest)
-  raise ValueError(f'Unknown data source {spec!r}; use tfds:NAME[:SPLIT], imagefolder:PATH[:SPLIT], '
-                   f'{"[:SPLIT], ".join(BUNDLED)}[:SPLIT].')
+  raise ValueError(f'Unknown data source {spec!r}; use {FORMS}.')
+
+
+def training_source(config) -> Source:
+  """`config.data.source`, limited to its first `config.data.max_examples` examples when that is > 0."""
+  return limit(open_source(config.data.source, config.data.data_dir or None), config.data.max_examples)
 
 
 @dataclasses.dataclass

@@ -20,8 +20,7 @@ import numpy as np
 
 from udi_jax.data.photometric import preprocess
 from udi_jax.method.sampling import stratified_cells
-
-TOKEN_NAMES = ('cls', 'cls_plus')
+from udi_jax.models.networks import LEVELS, TOKEN_LEVELS
 
 
 def _pyplot():
@@ -76,8 +75,8 @@ def draw_attention(nets, params, images: np.ndarray, directory: pathlib.Path, se
   maps = class_token_attention(nets, params['backbone'], images)
   heads = maps.shape[2]
   for t in range(maps.shape[1]):
-    path = directory / f'attention_{TOKEN_NAMES[t]}.png'
-    _overlay_grid(plt, images, maps[:, t], ['image'] + [f'{TOKEN_NAMES[t]} head {h}' for h in range(heads)], path)
+    path = directory / f'attention_{TOKEN_LEVELS[t]}.png'
+    _overlay_grid(plt, images, maps[:, t], ['image'] + [f'{TOKEN_LEVELS[t]} head {h}' for h in range(heads)], path)
     written.append(path)
   if nets.readout is not None:
     grid = images.shape[1] // nets.backbone.patch_size
@@ -96,25 +95,26 @@ def draw_attention(nets, params, images: np.ndarray, directory: pathlib.Path, se
   return written
 
 
-def draw_curves(metrics_path: pathlib.Path, path: pathlib.Path) -> Optional[pathlib.Path]:
-  """Training curves from `metrics.jsonl`; None when there is nothing logged."""
+def draw_curves(metrics_path: pathlib.Path, path: pathlib.Path, k: int = 20) -> Optional[pathlib.Path]:
+  """Training curves from `metrics.jsonl` (the k-NN panel at `k` neighbours); None when nothing is logged."""
   if not metrics_path.exists():
     return None
   rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
   if not rows:
     return None
   train = [r for r in rows if 'loss' in r]
-  knn_rows = [r for r in rows if any(k.startswith('knn/') for k in r)]
+  knn_rows = [r for r in rows if any(key.startswith('knn/') for key in r)]
   if not train:
     return None
   plt = _pyplot()
   last = train[-1]
-  panels = [('loss', train, [k for k in ('loss', 'loss/cls', 'loss/cls_plus', 'loss/patch') if k in last]),
-            ('teacher entropy', train, [k for k in last if k.startswith('teacher_entropy/')]),
-            ('KL(teacher || student)', train, [k for k in last if k.startswith('kl/')]),
+  losses = ['loss'] + [f'loss/{level}' for level in LEVELS]
+  panels = [('loss', train, [key for key in losses if key in last]),
+            ('teacher entropy', train, [key for key in last if key.startswith('teacher_entropy/')]),
+            ('KL(teacher || student)', train, [key for key in last if key.startswith('kl/')]),
             ('learning rate', train, ['lr'])]
   if knn_rows:
-    panels.append(('k-NN top-1 % (k=20)', knn_rows, [k for k in knn_rows[-1] if k.endswith('/top1@20')]))
+    panels.append((f'k-NN top-1 % (k={k})', knn_rows, [key for key in knn_rows[-1] if key.endswith(f'/top1@{k}')]))
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
   for ax, (title, subset, keys) in zip(axes, panels):
     for key in keys:

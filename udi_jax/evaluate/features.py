@@ -15,22 +15,25 @@ Batches are sharded over the `data` axis of the mesh and the features gathered o
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
 from udi_jax.data.photometric import preprocess
 from udi_jax.data.sources import Source, UnreadableImage, decode_image
+from udi_jax.mesh import batch_sharding, data_mesh, replicated
+from udi_jax.models.networks import CLS_PLUS, TOKEN_LEVELS
 from udi_jax.models.vit import layer_norm
 
-KINDS = ('cls', 'cls_plus', 'concat', 'avgpool', 'linear')
+TOKEN_KINDS = TOKEN_LEVELS + ('concat', 'avgpool')   # what config.eval.tokens may name
+TWO_TOKEN_KINDS = (CLS_PLUS, 'concat')                # need a model with two class tokens
+KINDS = TOKEN_KINDS + ('linear',)
 LINEAR_BLOCKS = 4
 
 
@@ -85,12 +88,8 @@ def eval_batches(source: Source, crop: int, batch_size: int, num_threads: int = 
 def _features(nets, backbone_params, images: jax.Array, kinds: tuple[str, ...]) -> dict[str, jax.Array]:
   out = nets.backbone.apply({'params': backbone_params}, preprocess(images),
                             return_last_blocks=LINEAR_BLOCKS if 'linear' in kinds else 0)
-  feats = {}
   tokens = out.cls.astype(jnp.float32)
-  if 'cls' in kinds:
-    feats['cls'] = tokens[:, 0]
-  if 'cls_plus' in kinds:
-    feats['cls_plus'] = tokens[:, 1]
+  feats = {level: tokens[:, t] for t, level in enumerate(TOKEN_LEVELS) if level in kinds}
   if 'concat' in kinds:
     feats['concat'] = tokens.reshape(tokens.shape[0], -1)
   if 'avgpool' in kinds:
@@ -103,21 +102,20 @@ def _features(nets, backbone_params, images: jax.Array, kinds: tuple[str, ...]) 
 
 
 def extract(nets, backbone_params, source: Source, crop: int, kinds: tuple[str, ...], batch_size: int,
-            mesh: Optional[Mesh] = None, desc: str = 'features') -> tuple[dict[str, np.ndarray], np.ndarray]:
+            desc: str = 'features') -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Features {kind: (N, D)} and labels (N,) of every readable image of `source` (unreadable ones are
   dropped). `batch_size` is global; it is rounded up to a multiple of the device count."""
   for kind in kinds:
     if kind not in KINDS:
       raise ValueError(f'Unknown feature {kind!r}; choose from {KINDS}.')
-  if 'cls_plus' in kinds or 'concat' in kinds:
-    if nets.backbone.num_cls_tokens < 2:
-      raise ValueError('cls_plus and concat features need a model with 2 class tokens.')
-  mesh = mesh or Mesh(np.array(jax.devices()), ('data',))
+  if set(kinds) & set(TWO_TOKEN_KINDS) and nets.backbone.num_cls_tokens < 2:
+    raise ValueError(f'{" and ".join(TWO_TOKEN_KINDS)} features need a model with 2 class tokens.')
+  mesh = data_mesh()
   devices = mesh.devices.size
   batch_size = -(-batch_size // devices) * devices
-  sharding = NamedSharding(mesh, P('data'))
+  sharding = batch_sharding(mesh)
   fn = jax.jit(lambda p, x: _features(nets, p, x, kinds), out_shardings=sharding)
-  params = jax.device_put(backbone_params, NamedSharding(mesh, P()))
+  params = jax.device_put(backbone_params, replicated(mesh))
   processes = jax.process_count()
   gather = ((lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))) if processes > 1
             else np.asarray)

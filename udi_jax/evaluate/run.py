@@ -9,17 +9,35 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
 
-from udi_jax.data.sources import Source, decode_image, limit, open_source
+from udi_jax.data.sources import Source, check_spec, decode_image, limit, open_source
 from udi_jax.evaluate import attention, features, knn, linear
-from udi_jax.models.networks import Networks
+from udi_jax.models.networks import CLS, Networks
 
 PROTOCOLS = ('knn', 'linear', 'lowshot')
 NETWORKS = ('teacher', 'student')
+
+
+def check_config(config) -> None:
+  """Refuses unknown `config.eval` values (network, tokens, protocols, splits) with one sentence."""
+  ev = config.eval
+  if ev.network not in NETWORKS:
+    raise ValueError(f'config.eval.network={ev.network!r} is not known; use one of {NETWORKS}.')
+  unknown = [t for t in ev.tokens if t not in features.TOKEN_KINDS]
+  if unknown or not ev.tokens:
+    raise ValueError(f'config.eval.tokens holds {list(unknown or ev.tokens)}; choose from {features.TOKEN_KINDS}.')
+  unknown = [p for p in ev.protocols if p not in PROTOCOLS]
+  if unknown:
+    raise ValueError(f'config.eval.protocols holds {unknown}; choose from {PROTOCOLS}.')
+  if not ev.knn_ks or min(ev.knn_ks) < 1:
+    raise ValueError(f'config.eval.knn_ks={tuple(ev.knn_ks)} must list positive neighbour counts.')
+  for field in ('train_source', 'test_source'):
+    if ev[field]:
+      check_spec(ev[field], f'config.eval.{field}')
 
 
 def evaluated_network(config, state) -> dict:
@@ -45,12 +63,10 @@ def eval_sources(config) -> tuple[Source, Source]:
 
 
 def token_kinds(config, nets: Networks) -> tuple[str, ...]:
+  """`config.eval.tokens` without those a 1-token model lacks."""
   tokens = tuple(config.eval.tokens)
-  for t in tokens:
-    if t not in features.KINDS[:4]:
-      raise ValueError(f'config.eval.tokens holds {t!r}; choose from {features.KINDS[:4]}.')
   if nets.backbone.num_cls_tokens < 2:
-    tokens = tuple(t for t in tokens if t not in ('cls_plus', 'concat'))
+    tokens = tuple(t for t in tokens if t not in features.TWO_TOKEN_KINDS)
   return tokens
 
 
@@ -61,6 +77,13 @@ def knn_results(nets, backbone_params, train: Source, test: Source, config, toke
   classes = int(max(train.num_classes, bank_labels.max() + 1, labels.max() + 1))
   return {t: knn.knn_accuracy(bank[t], bank_labels, queries[t], labels, classes, tuple(config.eval.knn_ks))
           for t in tokens}
+
+
+def knn_during_training(config, nets: Networks, state) -> dict[str, Any]:
+  """k-NN of the evaluated network of a TrainState, per token (`config.eval.knn_every_epochs`)."""
+  train, test = eval_sources(config)
+  backbone = evaluated_network(config, state)['backbone']
+  return knn_results(nets, backbone, train, test, config, token_kinds(config, nets))
 
 
 def raw_pixel_knn(train: Source, test: Source, config) -> dict[str, float]:
@@ -77,9 +100,9 @@ def raw_pixel_knn(train: Source, test: Source, config) -> dict[str, float]:
 def evaluate(config, nets: Networks, params: dict, workdir: pathlib.Path, name: str,
              protocols=PROTOCOLS) -> dict[str, Any]:
   """Runs the protocols on one network's params; writes eval/<name>.json; returns the results."""
-  for p in protocols:
-    if p not in PROTOCOLS:
-      raise ValueError(f'Unknown evaluation protocol {p!r}; choose from {PROTOCOLS}.')
+  unknown = [p for p in protocols if p not in PROTOCOLS]
+  if unknown:
+    raise ValueError(f'Unknown evaluation protocols {unknown}; choose from {PROTOCOLS}.')
   train, test = eval_sources(config)
   tokens = token_kinds(config, nets)
   results: dict[str, Any] = {'network': config.eval.network, 'train_source': config.eval.train_source,
@@ -90,7 +113,7 @@ def evaluate(config, nets: Networks, params: dict, workdir: pathlib.Path, name: 
     results['knn'] = knn_results(nets, params['backbone'], train, test, config, tokens)
   if 'linear' in protocols or 'lowshot' in protocols:
     crop, batch = config.data.global_size, config.eval.batch_size
-    kinds = ('linear', 'cls')
+    kinds = ('linear', CLS)             # the official probe feature; low-shot on token 0
     train_x, train_y = features.extract(nets, params['backbone'], train, crop, kinds, batch, desc='train features')
     test_x, test_y = features.extract(nets, params['backbone'], test, crop, kinds, batch, desc='test features')
     classes = int(max(train.num_classes, train_y.max() + 1))
@@ -103,7 +126,7 @@ def evaluate(config, nets: Networks, params: dict, workdir: pathlib.Path, name: 
       split_dir = config.eval.lowshot_split_dir
       split_files = ({f: str(pathlib.Path(split_dir) / f'{f * 100:g}percent.txt')
                       for f in config.eval.lowshot_fractions} if split_dir else None)
-      results['lowshot'] = linear.lowshot(train_x['cls'], train_y, test_x['cls'], test_y,
+      results['lowshot'] = linear.lowshot(train_x[CLS], train_y, test_x[CLS], test_y,
                                           tuple(config.eval.lowshot_fractions), seed=config.seed,
                                           split_files=split_files, names=getattr(train, 'paths', None))
   results['seconds'] = round(time.time() - started, 1)
@@ -152,16 +175,5 @@ def pictures(config, nets: Networks, params: dict, workdir: pathlib.Path, count:
   directory = workdir / 'pictures'
   written = attention.draw_attention(nets, params, images, directory, seed=config.seed,
                                      window=config.udi.global_window)
-  curves = attention.draw_curves(workdir / 'metrics.jsonl', directory / 'training_curves.png')
+  curves = attention.draw_curves(workdir / 'metrics.jsonl', directory / 'training_curves.png', reported_k(config))
   return written + ([curves] if curves else [])
-
-
-def newest_or(checkpoint: str, workdir: pathlib.Path) -> tuple[pathlib.Path, Optional[int]]:
-  """(checkpoint directory, step) for config.eval.checkpoint: '' = the workdir's newest, a number =
-  that step of the workdir, a path = another run's workdir or checkpoint directory (its newest)."""
-  if not checkpoint:
-    return workdir / 'checkpoints', None
-  if checkpoint.isdigit():
-    return workdir / 'checkpoints', int(checkpoint)
-  path = pathlib.Path(checkpoint)
-  return (path / 'checkpoints' if (path / 'checkpoints').is_dir() else path), None

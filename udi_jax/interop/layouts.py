@@ -1,4 +1,6 @@
-"""Backbone state-dict layouts of the PyTorch world: timm (exact) and DINO (lossy) (UDI_SPEC §7.2–7.3).
+"""The PyTorch layouts a network is exported to (UDI_SPEC §7): timm (exact), the official UDI training
+checkpoint (`udi`), and DINO (lossy). `payload` builds the object of a format, `how_to_load` says how to
+load the written file.
 
 - timm: `VisionTransformer(class_token=True, reg_tokens=1, no_embed_class=False)`: token 0 is `cls_token`,
   token 1 the register token `reg_token`, and the positional table is unchanged (timm concatenates
@@ -13,6 +15,7 @@ Block, norm and patch-embed keys are those of DINO/timm, i.e. our Flax names wit
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Mapping, Optional
 
 import flax
@@ -39,7 +42,7 @@ def baked_pos_embed(pos_embed: np.ndarray, num_cls_tokens: int, patch_size: int,
   if img_size is None:
     return np.asarray(pos_embed)
   if img_size % patch_size:
-    raise ValueError(f'--img-size={img_size} is not a multiple of the patch size {patch_size}.')
+    raise ValueError(f'--img_size={img_size} is not a multiple of the patch size {patch_size}.')
   grid = img_size // patch_size
   return np.asarray(resize_pos_embed(np.asarray(pos_embed), num_cls_tokens, (grid, grid)))
 
@@ -86,3 +89,39 @@ def timm_constructor(num_cls_tokens: int, embed_dim: int, depth: int, num_heads:
   return (f'timm.models.vision_transformer.VisionTransformer(img_size={img_size}, patch_size={patch_size}, '
           f'embed_dim={embed_dim}, depth={depth}, num_heads={num_heads}, class_token=True{registers}, '
           f'no_embed_class=False, num_classes=0, global_pool="token")')
+
+
+def payload(format: str, nets, student, teacher, centres, img_size: Optional[int] = None,
+            which: str = 'teacher', epoch: int = 0):
+  """The exported object: a flat state dict (timm, dino) or the nested official checkpoint (udi)."""
+  if format not in FORMATS:
+    raise ValueError(f'Unknown format {format!r}; choose one of {FORMATS}.')
+  if which not in ('teacher', 'student'):
+    raise ValueError(f"--which={which!r}: choose 'teacher' or 'student'.")
+  if format == 'udi':
+    return {'teacher': official.to_official(teacher), 'student': official.to_official(student, prefix='module.'),
+            'udi_loss': {'centering.center': official.centres_to_official(centres),
+                         'centering.count': np.zeros((3, 1), np.float32)},
+            'epoch': epoch}
+  params = teacher if which == 'teacher' else student
+  convert = to_timm if format == 'timm' else to_dino
+  return convert(params['backbone'], nets.backbone.patch_size, img_size)
+
+
+def how_to_load(format: str, nets, out: pathlib.Path, img_size: Optional[int], which: str, step: int) -> str:
+  """What was written to `out` and the lines that load it in PyTorch."""
+  backbone = nets.backbone
+  size = img_size or backbone.img_size
+  if format == 'udi':
+    return (f'Wrote the official UDI checkpoint layout (step {step}) to {out}; load it with '
+            f"torch.load('{out}', map_location='cpu') or the official utils.load_pretrained_weights.")
+  if format == 'timm':
+    build = timm_constructor(backbone.num_cls_tokens, backbone.embed_dim, backbone.depth,
+                                     backbone.num_heads, backbone.patch_size, size)
+    loader = (f"safetensors.torch.load_file('{out}')" if out.suffix == '.safetensors' else f"torch.load('{out}')")
+    return (f'Wrote the {which} backbone (step {step}) in timm layout to {out}. Load it with:\n'
+            f'  import timm, safetensors.torch, torch\n  model = {build}\n'
+            f'  model.load_state_dict({loader}, strict=True)')
+  lossy = ' LOSSY: token 1 and its positional row were dropped.' if backbone.num_cls_tokens == 2 else ''
+  return (f'Wrote the {which} backbone (step {step}) in the DINO 1-token layout to {out}, for a '
+          f'vision_transformer.vit_* with patch_size={backbone.patch_size}, img_size=[{size}].{lossy}')

@@ -46,6 +46,16 @@ def save_pth(payload: Any, path: str | pathlib.Path):
   torch.save(convert(payload), str(path))
 
 
+def save(payload: Any, path: str | pathlib.Path):
+  """.safetensors (a flat state dict, no torch needed) or .pth (any payload, needs torch), by suffix."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if path.suffix == '.safetensors':
+    save_safetensors(payload, path)
+  else:
+    save_pth(payload, path)
+
+
 def read_file(path: str | pathlib.Path) -> dict[str, Any]:
   """A .safetensors or .pth file -> nested dicts of NumPy arrays; a clear error for anything else."""
   path = pathlib.Path(path)

@@ -1,8 +1,18 @@
-"""The UDI objective: teacher targets, the three level losses, the centre update (UDI_SPEC §4).
+"""The UDI objective: teacher targets, student outputs, the level losses, the centre update (UDI_SPEC §4).
 
-Per-device code. With `axis_name` set (inside `shard_map`/`pmap` over the `data` axis) every reduction is
-global: the reported losses and the centres are those of the whole batch, pooled with `psum` (UDI_SPEC §8.3
-and §8.8), so they do not depend on the number of devices.
+Per-device code, read as five stages that `udi_objective` composes:
+
+1. `teacher_targets` (§4.1–4.3): the teacher backbone once on both global views, the read-out at every
+   point, and the targets T0, T1 (the multimodal cls+ blend), T2 with the centres before this step;
+2. `student_outputs` (§4.2): the student's log-probabilities at every level, one backbone call per crop
+   resolution, the read-out at its own samples of the global views;
+3. `level_losses` (§4.2, §4.4): the five cross-entropy terms and the per-level weighting;
+4. `updated_centres` (§4.4): c ← m c + (1 − m) μ;
+5. `health_metrics`: teacher entropy and KL per level, fraction of valid samples.
+
+With `axis_name` set (inside `shard_map`/`pmap` over the `data` axis) every reduction is global: the
+reported losses and the centres are those of the whole batch, pooled with `psum` (UDI_SPEC §8.3 and
+§8.8), so they do not depend on the number of devices.
 
 Levels (DESIGN contract 5): `cls` (z_cls vs the teacher's cls distribution), `cls_plus` (z_cls+ vs the
 multimodal blend of teacher cls and read-out logits), `patch` (student read-outs vs teacher read-outs at
@@ -22,17 +32,18 @@ sums it for you).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from udi_jax.method.sampling import Samples
-from udi_jax.models.networks import Networks, Params
+from udi_jax.models.networks import CLS, CLS_PLUS, PATCH, TOKEN_LEVELS, Networks, Params
 
 MASKED_MEAN_EPS = 1e-5   # official: sum(m x) / (sum(m) + 1e-5), also when every row is valid
 PATCH_LOSS_NORMS = ('global', 'per_device')
 TARGET_MIXING = ('logit', 'prob')
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +64,18 @@ class ObjectiveSettings:
                        f'use one of {PATCH_LOSS_NORMS}.')
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f'config.udi.alpha={self.alpha} is outside [0, 1]; choose a blend weight in it.')
+    if self.student_temp <= 0:
+      raise ValueError(f'config.udi.student_temp={self.student_temp} must be positive.')
+    if not 0.0 <= self.center_momentum < 1.0:
+      raise ValueError(f'config.udi.center_momentum={self.center_momentum} must lie in [0, 1).')
 
   @classmethod
   def from_config(cls, config) -> 'ObjectiveSettings':
     udi = config.udi
+    if udi.local_patch_loss and not (udi.include_patch and config.data.num_local > 0):
+      raise ValueError('config.udi.local_patch_loss=True needs the patch branch and local crops; set '
+                       'config.udi.include_patch=True and config.data.num_local > 0, or '
+                       'local_patch_loss=False.')
     return cls(alpha=udi.alpha, student_temp=udi.student_temp, center_momentum=udi.center_momentum,
                patch_loss_norm=udi.patch_loss_norm, target_mixing=udi.target_mixing,
                local_patch_loss=udi.local_patch_loss)
@@ -83,7 +102,7 @@ def init_centres(nets: Networks) -> dict[str, jax.Array]:
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   """sum_i m_i x_i / (sum_i m_i + 1e-5) over axis -2: x (..., S, C), mask (..., S) -> (..., C)."""
-  total = jnp.einsum('...sc,...s->...c', x, mask, precision=jax.lax.Precision.HIGHEST)
+  total = jnp.einsum('...sc,...s->...c', x, mask, precision=HIGHEST)
   return total / (mask.sum(-1, keepdims=True) + MASKED_MEAN_EPS)
 
 
@@ -93,6 +112,246 @@ def cross_entropy(target: jax.Array, log_probs: jax.Array) -> jax.Array:
 
 def entropy(probs: jax.Array) -> jax.Array:
   return -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+  """This device's share of the batch: `batch` images with `n_local` local crops each.
+
+  Global-view rows are view-major: row v*B + b is view v of image b, and `swap` pairs it with view 1 - v.
+  Local rows are crop-major: row k*B + b is local crop k of image b. `total` sums over devices.
+  """
+  batch: int
+  n_local: int
+  axis_name: Optional[str] = None
+
+  def total(self, x):
+    return jax.lax.psum(x, self.axis_name) if self.axis_name else x
+
+  @property
+  def num_devices(self):
+    return jax.lax.psum(1, self.axis_name) if self.axis_name else 1
+
+  def swap(self, x: jax.Array) -> jax.Array:
+    return jnp.concatenate([x[self.batch:], x[:self.batch]])
+
+  def weighted(self, global_term: jax.Array, local_term: Optional[jax.Array]) -> jax.Array:
+    """(2 L^g + 2 n_l L^l) / (2 + 2 n_l) (§4.4), or L^g without a local term."""
+    if local_term is None:
+      return global_term
+    return (2 * global_term + 2 * self.n_local * local_term) / (2 + 2 * self.n_local)
+
+
+def view_major(x: jax.Array) -> jax.Array:
+  """(B, V, ...) -> (V*B, ...): row v*B + b is view (or crop) v of image b."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherTargets:
+  """The teacher's side of a step (no gradient); rows view-major, (2B, ...), before the view swap."""
+  cls_logits: jax.Array                       # t_cls (2B, K)
+  probs: dict[str, jax.Array]                 # T0 (2B, K), T1 (2B, K), T2 (2B, Sg, K) of the global rows
+  plus_local: Optional[jax.Array] = None      # T1[k, v] (2B, n_l, K)
+  plus_logits: tuple = ()                     # ℓ⁺ of the global (2B, K) and local (2B, n_l, K) rows ('logit')
+  point_u: Optional[jax.Array] = None         # bottleneck vectors at every read-out point (2B, St, Db)
+  point_mask: Optional[jax.Array] = None      # m^t (2B, St)
+  patch_local: Optional[jax.Array] = None     # T2 at the local crops' points (2B, n_l, Sl, K), if needed
+
+
+def teacher_targets(nets: Networks, settings: ObjectiveSettings, teacher: Params, centres: dict[str, jax.Array],
+                    global_rows: jax.Array, samples: Optional[Samples], temperature: jax.Array,
+                    rows: Rows) -> TeacherTargets:
+  """§4.1–4.3: T_j = σ((ℓ_j − c_j)/τ_t) for t_cls (T0), the read-outs R (T2) and the blend ℓ⁺ (T1).
+
+  The backbone runs once on both global views; the read-out takes every point of a view in one call:
+  the other view's samples first (Sg), then each local crop's (Sl each).
+  """
+  sharpen = lambda logits, level: jax.nn.softmax((logits - centres[level]) / temperature, axis=-1)
+  out = nets.backbone.apply({'params': teacher['backbone']}, global_rows)
+  cls_logits = nets.project(teacher, CLS, nets.embed(teacher, CLS, out.cls[:, 0]))        # (2B, K)
+  if PATCH not in nets.levels:
+    return TeacherTargets(cls_logits=cls_logits, probs={CLS: sharpen(cls_logits, CLS)})
+  n_global = samples.student_idx.shape[1]
+  read = nets.readout.apply({'params': teacher['readout']}, out.patch, samples.teacher_idx, samples.teacher_w)
+  u = nets.embed(teacher, PATCH, read)                                                     # (2B, St, Db)
+  mask = samples.teacher_mask
+  probs = {CLS: sharpen(cls_logits, CLS), PATCH: sharpen(nets.project(teacher, PATCH, u[:, :n_global]), PATCH)}
+  local = patch_local = None
+  if rows.n_local:
+    local = (u[:, n_global:].reshape(2 * rows.batch, rows.n_local, -1, u.shape[-1]),       # (2B, n_l, Sl, Db)
+             mask[:, n_global:].reshape(2 * rows.batch, rows.n_local, -1))
+    if settings.target_mixing == 'prob' or settings.local_patch_loss:
+      patch_local = sharpen(nets.project(teacher, PATCH, local[0]), PATCH)               # (2B, n_l, Sl, K)
+  targets = TeacherTargets(cls_logits=cls_logits, probs=probs, point_u=u, point_mask=mask,
+                           patch_local=patch_local)
+  if CLS_PLUS not in nets.levels:
+    return targets
+  blend = lambda u, mask, patch_probs, cls: multimodal_target(nets, settings, teacher, sharpen, u, mask,
+                                                              patch_probs, cls)
+  probs[CLS_PLUS], plus_global = blend(u[:, :n_global], mask[:, :n_global], probs[PATCH], cls_logits)
+  plus_local = plus_local_logits = None
+  if rows.n_local:
+    plus_local, plus_local_logits = blend(*local, patch_local, cls_logits[:, None])
+  plus_logits = (plus_global, plus_local_logits) if settings.target_mixing == 'logit' else ()
+  return dataclasses.replace(targets, probs=probs, plus_local=plus_local, plus_logits=plus_logits)
+
+
+def multimodal_target(nets: Networks, settings: ObjectiveSettings, teacher: Params, sharpen: Callable,
+                      u: jax.Array, mask: jax.Array, patch_probs: Optional[jax.Array],
+                      cls_logits: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+  """T1 of one group of rows, and its logits ℓ⁺ (None for the mixture). u (..., S, Db), mask (..., S).
+
+  'logit' (§4.3, official): T1 = σ((ℓ⁺ − c₁)/τ_t), ℓ⁺ = α W 𝓜(u, m^t) + (1 − α) t_cls, a product of
+  experts; W is the head's linear last layer, so W 𝓜(u) = 𝓜(W u). 'prob' (§9): the mixture
+  α mean_i T2_i + (1 − α) T0; with no valid sample the patch weight goes to T0, so it sums to 1.
+  """
+  alpha = settings.alpha
+  if settings.target_mixing == 'logit':
+    logits = alpha * nets.project(teacher, PATCH, masked_mean(u, mask)) + (1.0 - alpha) * cls_logits
+    return sharpen(logits, CLS_PLUS), logits
+  weight = mask.sum(-1, keepdims=True)
+  mean = jnp.einsum('...sk,...s->...k', patch_probs, mask, precision=HIGHEST) / jnp.maximum(weight, 1e-12)
+  a = alpha * (weight > 0)
+  return a * mean + (1.0 - a) * sharpen(cls_logits, CLS), None
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentOutputs:
+  """log σ(s/τ_s) per level: class tokens of the global rows (2B, K) and of the local rows (n_l B, K);
+  the read-out at the global rows' own samples (2B, Sg, K) and, with the local patch loss, at the local
+  rows' samples (n_l B, Sl, K)."""
+  global_rows: dict[str, jax.Array]
+  local_rows: dict[str, jax.Array]
+
+
+def student_outputs(nets: Networks, settings: ObjectiveSettings, student: Params, global_rows: jax.Array,
+                    local_rows: Optional[jax.Array], samples: Optional[Samples],
+                    drop_path_keys: Optional[jax.Array], rows: Rows) -> StudentOutputs:
+  """§4.2 student side: one backbone call per resolution group, heads on every class token, the read-out
+  at the student's own samples. Drop path draws from `drop_path_keys` (B,) folded with the crop id."""
+  def row_keys(crop_ids):
+    if drop_path_keys is None:
+      return None
+    keys = jax.vmap(lambda k: jax.vmap(lambda c: jax.random.fold_in(k, c))(jnp.asarray(crop_ids)))(
+        drop_path_keys)                                                                     # (B, crops)
+    return view_major(keys)
+
+  def log_probs(level, x):
+    logits = nets.project(student, level, nets.embed(student, level, x))
+    return jax.nn.log_softmax(logits / settings.student_temp, axis=-1)
+
+  def read_out(patch_tokens, idx):                       # one token per sample: weight 1
+    return nets.readout.apply({'params': student['readout']}, patch_tokens, idx[..., None],
+                              jnp.ones(idx.shape + (1,)))
+
+  token_levels = [(t, level) for t, level in enumerate(TOKEN_LEVELS) if level in nets.levels]
+  on_global = nets.backbone.apply({'params': student['backbone']}, global_rows, drop_path_keys=row_keys([0, 1]))
+  outputs = {level: log_probs(level, on_global.cls[:, t]) for t, level in token_levels}
+  if PATCH in nets.levels:
+    outputs[PATCH] = log_probs(PATCH, read_out(on_global.patch, samples.student_idx))
+  on_local_rows = {}
+  if rows.n_local:
+    on_local = nets.backbone.apply({'params': student['backbone']}, local_rows,
+                                   drop_path_keys=row_keys(list(range(2, 2 + rows.n_local))))
+    on_local_rows = {level: log_probs(level, on_local.cls[:, t]) for t, level in token_levels}
+    if settings.local_patch_loss:
+      local_idx = jnp.tile(samples.local_idx, (rows.n_local, 1))                          # (n_l B, Sl)
+      on_local_rows[PATCH] = log_probs(PATCH, read_out(on_local.patch, local_idx))
+  return StudentOutputs(global_rows=outputs, local_rows=on_local_rows)
+
+
+def level_losses(nets: Networks, settings: ObjectiveSettings, teacher: TeacherTargets,
+                 student: StudentOutputs, samples: Optional[Samples],
+                 rows: Rows) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """§4.2 and §4.4: this device's shares of the terms g_<level>, l_<level> and of each level's loss.
+
+  Shares sum over devices to the global value. Global cls pairs are cross-view only; every local crop
+  meets both teacher views. The patch term is Σ m^s H / Σ m^s, the count pooled over devices ('global')
+  or per device ('per_device', official).
+  """
+  b, n_local = rows.batch, rows.n_local
+  shares = {}
+  for level in (lv for lv in TOKEN_LEVELS if lv in nets.levels):
+    s_global = student.global_rows[level]
+    shares[f'g_{level}'] = cross_entropy(rows.swap(teacher.probs[level]), s_global).mean() / rows.num_devices
+    if n_local:
+      s_local = student.local_rows[level].reshape(n_local, b, -1)
+      if level == CLS:      # T0[v] is shared by every local crop
+        ce = -jnp.einsum('vbk,nbk->vbn', teacher.probs[CLS].reshape(2, b, -1), s_local, precision=HIGHEST)
+      else:                 # T1[k, v]: one target per local crop and teacher view
+        ce = -jnp.einsum('vbnk,nbk->vbn', teacher.plus_local.reshape(2, b, n_local, -1), s_local,
+                         precision=HIGHEST)
+      shares[f'l_{level}'] = ce.mean() / rows.num_devices
+
+  def patch_share(ce, mask):
+    if settings.patch_loss_norm == 'global':
+      return jnp.sum(ce * mask) / jnp.maximum(rows.total(jnp.sum(mask)), 1.0)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0) / rows.num_devices
+
+  if PATCH in nets.levels:
+    mask = samples.student_mask
+    ce = jnp.where(mask > 0, cross_entropy(rows.swap(teacher.probs[PATCH]), student.global_rows[PATCH]), 0.0)
+    shares['g_patch'] = patch_share(ce, mask)
+    if PATCH in student.local_rows:
+      # The student's local read-out vs the teacher's read-outs of the same points in each global view
+      # (valid where the point lies inside that view).
+      n_global = samples.student_idx.shape[1]
+      s_local = student.local_rows[PATCH].reshape(n_local, b, -1, teacher.patch_local.shape[-1])
+      t_local = teacher.patch_local.reshape(2, b, n_local, -1, teacher.patch_local.shape[-1])
+      valid = samples.teacher_valid[:, n_global:].reshape(2, b, n_local, -1)
+      ce_local = -jnp.einsum('vbnsk,nbsk->vbns', t_local, s_local, precision=HIGHEST)
+      shares['l_patch'] = patch_share(jnp.where(valid > 0, ce_local, 0.0), valid)
+  level_shares = {level: rows.weighted(shares[f'g_{level}'], shares.get(f'l_{level}')) for level in nets.levels}
+  return shares, level_shares
+
+
+def updated_centres(nets: Networks, settings: ObjectiveSettings, teacher_params: Params,
+                    centres: dict[str, jax.Array], teacher: TeacherTargets, rows: Rows) -> dict[str, jax.Array]:
+  """§4.4: c_j ← m c_j + (1 − m) μ_j, μ pooled over devices; the targets above used the old centres.
+
+  μ0: mean of t_cls over the global rows; μ1: mean of ℓ⁺ over the global and local rows (the mixture has
+  no logits to centre: c1 is carried unchanged); μ2: the m^t-weighted mean of the read-out logits over
+  every point, projected once from the weighted mean of the bottleneck vectors.
+  """
+  momentum = settings.center_momentum
+  update = lambda level, total, count: momentum * centres[level] + (1 - momentum) * total / count
+  two_b = 2 * rows.batch
+  new = {CLS: update(CLS, rows.total(teacher.cls_logits.sum(0)), rows.total(two_b))}
+  if CLS_PLUS in nets.levels and teacher.plus_logits:
+    plus_global, plus_local = teacher.plus_logits
+    total = plus_global.sum(0) + (plus_local.sum((0, 1)) if rows.n_local else 0.0)
+    new[CLS_PLUS] = update(CLS_PLUS, rows.total(total), rows.total(two_b * (1 + rows.n_local)))
+  elif CLS_PLUS in nets.levels:
+    new[CLS_PLUS] = centres[CLS_PLUS]
+  if PATCH in nets.levels:
+    u_total = rows.total(jnp.einsum('rsc,rs->c', teacher.point_u, teacher.point_mask, precision=HIGHEST))
+    weight = rows.total(teacher.point_mask.sum())
+    new[PATCH] = jnp.where(
+        weight > 0, update(PATCH, nets.project(teacher_params, PATCH, u_total), jnp.maximum(weight, 1e-12)),
+        centres[PATCH])
+  return new
+
+
+def health_metrics(nets: Networks, teacher: TeacherTargets, components: dict[str, jax.Array],
+                   samples: Optional[Samples], rows: Rows) -> dict[str, jax.Array]:
+  """Global means: the teacher's entropy per level (ln K at a collapse to uniform), KL(teacher ||
+  student) on the global rows (cross-entropy − entropy), and the fractions of valid samples."""
+  metrics = {f'teacher_entropy/{level}': rows.total(entropy(teacher.probs[level]).sum()) / rows.total(2 * rows.batch)
+             for level in TOKEN_LEVELS if level in nets.levels}
+  if PATCH in nets.levels:
+    mask = samples.student_mask
+    valid = rows.total(jnp.sum(mask))
+    metrics[f'teacher_entropy/{PATCH}'] = rows.total(
+        jnp.sum(entropy(rows.swap(teacher.probs[PATCH])) * mask)) / jnp.maximum(valid, 1.0)
+    metrics['valid_fraction/global'] = valid / rows.total(mask.size)
+    if rows.n_local:
+      n_global = samples.student_idx.shape[1]
+      local_valid = (samples.teacher_mask[:, n_global:] > 0).astype(jnp.float32)
+      metrics['valid_fraction/local'] = rows.total(local_valid.sum()) / rows.total(local_valid.size)
+  for level in nets.levels:
+    metrics[f'kl/{level}'] = components[f'g_{level}'] - metrics[f'teacher_entropy/{level}']
+  return metrics
 
 
 def udi_objective(nets: Networks, settings: ObjectiveSettings, student: Params, teacher: Params,
@@ -105,168 +364,25 @@ def udi_objective(nets: Networks, settings: ObjectiveSettings, student: Params, 
   global_crops (B, 2, Hg, Wg, 3), local_crops (B, n_l, Hl, Wl, 3) or None: normalised float crops.
   samples: the sampling and correspondences (`sampling.draw_samples`, or injected); None without the
   patch branch. drop_path_keys (B,): per-example keys for the student's stochastic depth, or None.
+  Returns (this device's share of the loss, the global ObjectiveOutput).
   """
-  levels = nets.levels
-  batch = global_crops.shape[0]
-  n_local = 0 if local_crops is None else local_crops.shape[1]
+  rows = Rows(batch=global_crops.shape[0], n_local=0 if local_crops is None else local_crops.shape[1],
+              axis_name=axis_name)
   teacher = jax.lax.stop_gradient(teacher)
-  centres = {k: jax.lax.stop_gradient(v) for k, v in centres.items()}
-  teacher_temp = jnp.asarray(teacher_temp, jnp.float32)
-  gsum = (lambda x: jax.lax.psum(x, axis_name)) if axis_name else (lambda x: x)
-  num_devices = jax.lax.psum(1, axis_name) if axis_name else 1
-  hi = jax.lax.Precision.HIGHEST
-
-  # Rows are view-major: row v*B + b is view v of image b; `swap` pairs it with view 1-v.
-  view_major = lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
-  swap = lambda x: jnp.concatenate([x[batch:], x[:batch]])
-  target = lambda logits, level: jax.nn.softmax((logits - centres[level]) / teacher_temp, axis=-1)
-  student_log_probs = lambda logits: jax.nn.log_softmax(logits / settings.student_temp, axis=-1)
-
-  # ---- Teacher: backbone once on both global views; read-out at every point (no gradient).
+  centres = jax.lax.stop_gradient(centres)
   global_rows = view_major(global_crops)
-  t_out = nets.backbone.apply({'params': teacher['backbone']}, global_rows)
-  t_cls = nets.project(teacher, 'cls', nets.embed(teacher, 'cls', t_out.cls[:, 0]))       # (2B, K)
-  if 'patch' in levels:
-    n_global = samples.student_idx.shape[1]
-    t_read = nets.readout.apply({'params': teacher['readout']}, t_out.patch, samples.teacher_idx,
-                                samples.teacher_w)                                          # (2B, St, D)
-    t_u = nets.embed(teacher, 'patch', t_read)                                              # (2B, St, Db)
-    t_mask = samples.teacher_mask
-    t_patch = nets.project(teacher, 'patch', t_u[:, :n_global])                             # (2B, Sg, K)
-  if 'patch' in levels and n_local:
-    u_local = t_u[:, n_global:].reshape(2 * batch, n_local, -1, t_u.shape[-1])       # (2B, n_l, Sl, Db)
-    m_local = t_mask[:, n_global:].reshape(2 * batch, n_local, -1)
-    needs_local_logits = settings.target_mixing == 'prob' or settings.local_patch_loss
-    t_patch_local = nets.project(teacher, 'patch', u_local) if needs_local_logits else None
-  plus_global = plus_local = None                                    # cls+ targets (probabilities)
-  if 'cls_plus' in levels and settings.target_mixing == 'logit':
-    # l+ = alpha * W mean_i(u_i) + (1 - alpha) * l_cls, per teacher row; then per (row, local crop).
-    blend = lambda u_mean, cls_logits: (settings.alpha * nets.project(teacher, 'patch', u_mean)
-                                        + (1.0 - settings.alpha) * cls_logits)
-    t_plus_global = blend(masked_mean(t_u[:, :n_global], t_mask[:, :n_global]), t_cls)    # (2B, K)
-    plus_global = target(t_plus_global, 'cls_plus')
-    if n_local:
-      t_plus_local = blend(masked_mean(u_local, m_local), t_cls[:, None])                # (2B, n_l, K)
-      plus_local = target(t_plus_local, 'cls_plus')
-  elif 'cls_plus' in levels:
-    # alpha * mean_i softmax((l_i - c2)/T) + (1 - alpha) * softmax((l_cls - c0)/T); with no valid
-    # sample the patch weight goes to the cls part, so the target always sums to 1. c1 is unused.
-    def mixture(patch_logits, mask, cls_probs):
-      probs = target(patch_logits, 'patch')
-      weight = mask.sum(-1, keepdims=True)
-      mean = jnp.einsum('...sk,...s->...k', probs, mask, precision=hi) / jnp.maximum(weight, 1e-12)
-      a = settings.alpha * (weight > 0)
-      return a * mean + (1.0 - a) * cls_probs
-    cls_probs = target(t_cls, 'cls')
-    plus_global = mixture(t_patch, t_mask[:, :n_global], cls_probs)
-    if n_local:
-      plus_local = mixture(t_patch_local, m_local, cls_probs[:, None])
-
-  # ---- Student: one backbone call per resolution group; read-out on the global views only.
-  def row_keys(crop_ids):
-    if drop_path_keys is None:
-      return None
-    keys = jax.vmap(lambda k: jax.vmap(lambda c: jax.random.fold_in(k, c))(jnp.asarray(crop_ids)))(
-        drop_path_keys)                                                                     # (B, crops)
-    return view_major(keys)
-
-  s_global = nets.backbone.apply({'params': student['backbone']}, global_rows,
-                                 drop_path_keys=row_keys([0, 1]))
-  if n_local:
-    s_local = nets.backbone.apply({'params': student['backbone']}, view_major(local_crops),
-                                  drop_path_keys=row_keys(list(range(2, 2 + n_local))))
-  head = lambda level, x: student_log_probs(nets.project(student, level, nets.embed(student, level, x)))
-
-  # ---- Losses as per-device shares: summed over devices they give the global value.
-  share = {}
-  targets = {'cls': target(t_cls, 'cls')}                                                  # (2B, K)
-  if 'cls_plus' in levels:
-    targets['cls_plus'] = plus_global
-  for token, level in enumerate(('cls', 'cls_plus')):
-    if level not in levels:
-      continue
-    s_lp = head(level, s_global.cls[:, token])
-    share[f'g_{level}'] = cross_entropy(swap(targets[level]), s_lp).mean() / num_devices
-    if n_local:
-      # Every local crop n of image b against both teacher views v.
-      s_loc = head(level, s_local.cls[:, token]).reshape(n_local, batch, -1)
-      if level == 'cls':
-        ce = -jnp.einsum('vbk,nbk->vbn', targets['cls'].reshape(2, batch, -1), s_loc, precision=hi)
-      else:
-        t_loc = plus_local.reshape(2, batch, n_local, -1)
-        ce = -jnp.einsum('vbnk,nbk->vbn', t_loc, s_loc, precision=hi)
-      share[f'l_{level}'] = ce.mean() / num_devices
-
-  if 'patch' in levels:
-    s_read = nets.readout.apply({'params': student['readout']}, s_global.patch,
-                                samples.student_idx[..., None], jnp.ones(samples.student_idx.shape + (1,)))
-    s_lp = head('patch', s_read)                                                            # (2B, Sg, K)
-    targets['patch'] = swap(target(t_patch, 'patch'))
-    s_mask = samples.student_mask
-    ce = jnp.where(s_mask > 0, cross_entropy(targets['patch'], s_lp), 0.0)
-    patch_share = lambda ce, mask: (jnp.sum(ce * mask) / jnp.maximum(gsum(jnp.sum(mask)), 1.0)
-                                    if settings.patch_loss_norm == 'global'
-                                    else jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0) / num_devices)
-    share['g_patch'] = patch_share(ce, s_mask)
-    if settings.local_patch_loss and n_local:
-      # The student's own local read-out at its local samples vs the teacher's read-outs of the same
-      # points in each global view (valid where the point lies inside that view).
-      local_idx = jnp.tile(samples.local_idx, (n_local, 1))[..., None]                 # (n_l*B, Sl, 1)
-      s_read_local = nets.readout.apply({'params': student['readout']}, s_local.patch, local_idx,
-                                        jnp.ones(local_idx.shape))
-      s_lp_local = head('patch', s_read_local).reshape(n_local, batch, -1, t_patch_local.shape[-1])
-      t_local_probs = target(t_patch_local, 'patch').reshape(2, batch, n_local, -1, t_patch_local.shape[-1])
-      valid = samples.teacher_valid[:, n_global:].reshape(2, batch, n_local, -1)
-      ce_local = -jnp.einsum('vbnsk,nbsk->vbns', t_local_probs, s_lp_local, precision=hi)
-      share['l_patch'] = patch_share(jnp.where(valid > 0, ce_local, 0.0), valid)
-
-  level_share = {}
-  for level in ('cls', 'cls_plus'):
-    if level in levels:
-      g = share[f'g_{level}']
-      level_share[level] = (2 * g + 2 * n_local * share[f'l_{level}']) / (2 + 2 * n_local) if n_local else g
-  if 'patch' in levels:
-    level_share['patch'] = (share['g_patch'] if 'l_patch' not in share else
-                            (2 * share['g_patch'] + 2 * n_local * share['l_patch']) / (2 + 2 * n_local))
-  loss_share = sum(level_share.values()) / len(level_share)
-
-  # ---- Centres: c <- m c + (1 - m) mean, pooled over devices; targets above used the old centres.
-  momentum = settings.center_momentum
-  update = lambda level, total, count: momentum * centres[level] + (1 - momentum) * total / count
-  new_centres = {'cls': update('cls', gsum(t_cls.sum(0)), gsum(2 * batch))}
-  if 'cls_plus' in levels and settings.target_mixing == 'logit':
-    total = t_plus_global.sum(0) + (t_plus_local.sum((0, 1)) if n_local else 0.0)
-    new_centres['cls_plus'] = update('cls_plus', gsum(total), gsum(2 * batch * (1 + n_local)))
-  elif 'cls_plus' in levels:
-    new_centres['cls_plus'] = centres['cls_plus']          # unused by probability mixing
-  if 'patch' in levels:
-    u_total = gsum(jnp.einsum('rsc,rs->c', t_u, t_mask, precision=hi))
-    weight = gsum(t_mask.sum())
-    new_centres['patch'] = jnp.where(
-        weight > 0, update('patch', nets.project(teacher, 'patch', u_total), jnp.maximum(weight, 1e-12)),
-        centres['patch'])
-
-  # ---- Health metrics (global means).
-  metrics = {f'teacher_entropy/{level}': gsum(entropy(targets[level]).sum()) / gsum(2 * batch)
-             for level in ('cls', 'cls_plus') if level in levels}
-  if 'patch' in levels:
-    valid = gsum(jnp.sum(samples.student_mask))
-    metrics['teacher_entropy/patch'] = gsum(jnp.sum(entropy(targets['patch']) * samples.student_mask)) \
-        / jnp.maximum(valid, 1.0)
-    metrics['valid_fraction/global'] = valid / gsum(samples.student_mask.size)
-    if n_local:
-      local_valid = (samples.teacher_mask[:, n_global:] > 0).astype(jnp.float32)
-      metrics['valid_fraction/local'] = gsum(local_valid.sum()) / gsum(local_valid.size)
-
-  components = {k: gsum(v) for k, v in share.items()}
-  for level in levels:   # KL(teacher || student) on the global rows = cross-entropy - teacher entropy
-    metrics[f'kl/{level}'] = components[f'g_{level}'] - metrics[f'teacher_entropy/{level}']
-
+  local_rows = view_major(local_crops) if rows.n_local else None
+  targets = teacher_targets(nets, settings, teacher, centres, global_rows, samples,
+                            jnp.asarray(teacher_temp, jnp.float32), rows)
+  outputs = student_outputs(nets, settings, student, global_rows, local_rows, samples, drop_path_keys, rows)
+  shares, level_shares = level_losses(nets, settings, targets, outputs, samples, rows)
+  loss_share = sum(level_shares.values()) / len(level_shares)
+  components = {k: rows.total(v) for k, v in shares.items()}
   output = ObjectiveOutput(
-      loss=gsum(loss_share),
-      levels={k: gsum(v) for k, v in level_share.items()},
+      loss=rows.total(loss_share),
+      levels={k: rows.total(v) for k, v in level_shares.items()},
       components=components,
-      centres=new_centres,
-      metrics=metrics,
-      targets={k: v for k, v in targets.items() if k != 'patch'})
+      centres=updated_centres(nets, settings, teacher, centres, targets, rows),
+      metrics=health_metrics(nets, targets, components, samples, rows),
+      targets={level: targets.probs[level] for level in TOKEN_LEVELS if level in targets.probs})
   return loss_share, output

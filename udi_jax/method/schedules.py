@@ -53,6 +53,16 @@ class Schedules:
   warmup_teacher_temp_epochs: int
   freeze_last_layer_epochs: int
 
+  def __post_init__(self):
+    if self.epochs <= 0:
+      raise ValueError(f'config.epochs={self.epochs} must be positive.')
+    if self.warmup_epochs > self.epochs:
+      raise ValueError(f'config.optim.warmup_epochs={self.warmup_epochs} exceeds config.epochs={self.epochs}; '
+                       'shorten the warm-up.')
+    if self.teacher_temp <= 0 or self.warmup_teacher_temp <= 0:
+      raise ValueError(f'The teacher temperatures (config.udi.warmup_teacher_temp={self.warmup_teacher_temp}, '
+                       f'teacher_temp={self.teacher_temp}) must be positive.')
+
   @classmethod
   def from_config(cls, config, steps_per_epoch: int) -> 'Schedules':
     o, u = config.optim, config.udi

@@ -17,7 +17,9 @@ from udi_jax.models.head import DINOHead
 from udi_jax.models.readout import SRSReadout
 from udi_jax.models.vit import VisionTransformer, vit
 
-LEVELS = ('cls', 'cls_plus', 'patch')
+LEVELS = ('cls', 'cls_plus', 'patch')      # DESIGN contract 5; also the official order of heads and centres
+CLS, CLS_PLUS, PATCH = LEVELS
+TOKEN_LEVELS = (CLS, CLS_PLUS)             # the level class token t is trained at: TOKEN_LEVELS[t]
 Params = dict[str, Any]
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -33,11 +35,11 @@ class Networks:
   @property
   def levels(self) -> tuple[str, ...]:
     """Active levels: cls always; patch with the read-out; cls_plus with it and a second class token."""
-    levels = ['cls']
+    levels = [CLS]
     if self.readout is not None:
       if self.backbone.num_cls_tokens >= 2:
-        levels.append('cls_plus')
-      levels.append('patch')
+        levels.append(CLS_PLUS)
+      levels.append(PATCH)
     return tuple(levels)
 
   def init(self, rng: jax.Array) -> Params:
@@ -71,7 +73,7 @@ class Networks:
 
 
 def build_networks(config) -> Networks:
-  """Networks from `config.model`, `config.udi.include_patch` and `config.data.global_size`."""
+  """Networks from `config.model`, `config.udi.include_patch` and the crop sizes of `config.data`."""
   model = config.model
   include_patch = config.udi.include_patch
   if model.dtype not in _DTYPES:
@@ -81,6 +83,11 @@ def build_networks(config) -> Networks:
                      'set config.model.num_cls_tokens=1.')
   if model.num_cls_tokens not in (1, 2):
     raise ValueError(f'config.model.num_cls_tokens={model.num_cls_tokens} is not supported; use 1 or 2.')
+  for name in ('global_size', 'local_size'):
+    size = config.data[name]
+    if size <= 0 or size % model.patch_size:
+      raise ValueError(f'config.data.{name}={size} is not a multiple of config.model.patch_size='
+                       f'{model.patch_size}; choose a multiple of it.')
   dtype = _DTYPES[model.dtype]
   sizes = {k: model[k] for k in ('embed_dim', 'depth', 'num_heads') if k in model}
   backbone = vit(model.arch, patch_size=model.patch_size, num_cls_tokens=model.num_cls_tokens,

@@ -2,16 +2,30 @@
 
 Every process calls save and restore (orbax coordinates multi-host writes of global arrays). Saves are
 asynchronous; `wait` blocks until the last one is on disk. The newest checkpoint is where a run resumes.
+`restore_run` opens a finished or running run's checkpoint for export, evaluation and tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from udi_jax.mesh import data_mesh
+from udi_jax.train.state import TrainState, abstract_state
+from udi_jax.train.step import Trainer
 
 ITEMS = ('state', 'data', 'config')
+
+
+def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
+  """A run's workdir or its `checkpoints/` directory -> the checkpoints directory."""
+  path = pathlib.Path(path)
+  return path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
 
 
 class Checkpoints:
@@ -24,9 +38,6 @@ class Checkpoints:
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = True) -> bool:
     return self.manager.save(step, force=force, args=ocp.args.Composite(
@@ -51,3 +62,36 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+  config: ConfigDict         # the config given, or the one saved with the checkpoint
+  trainer: Trainer           # built from `config` (for its networks and shapes)
+  state: TrainState          # on the host (NumPy)
+  data_state: dict           # the input iterator's state: seed, step, epoch, ...
+  step: int
+
+
+def restore_run(path: str | pathlib.Path, step: Optional[int] = None,
+                config: Optional[ConfigDict] = None) -> RestoredRun:
+  """The checkpoint of `step` (default: the newest) of a run (its workdir or checkpoints/ directory).
+
+  The networks' shapes come from `config`, or from the config saved with the checkpoint.
+  """
+  directory = checkpoint_dir(path)
+  missing = FileNotFoundError(f'No checkpoint in {directory}; train first or point --workdir at a run.')
+  if not directory.is_dir():
+    raise missing
+  checkpoints = Checkpoints(directory, asynchronous=False)
+  try:
+    if checkpoints.latest_step() is None:
+      raise missing
+    if config is None:
+      config = ConfigDict(checkpoints.restore_config(step))
+    trainer = Trainer.from_config(config, steps_per_epoch=1)         # shapes only
+    abstract = abstract_state(trainer.nets, trainer.tx, data_mesh())
+    state, data_state, step = checkpoints.restore(abstract, step)
+  finally:
+    checkpoints.close()
+  return RestoredRun(config, trainer, jax.device_get(state), data_state, step)

@@ -1,52 +1,92 @@
 """train_and_evaluate: restore or create the state, run the steps, checkpoint, log, stop cleanly.
 
-Read top to bottom: mesh and input, model and optimiser, state (resume from the newest checkpoint of the
-workdir, or `init_from`), the compiled step, then the loop. A SIGTERM saves a checkpoint at the next step
-boundary and returns normally (exit code 0). A non-finite metric stops the run with a message naming the
-step and the metric; checkpoints are written only after their steps were checked, so the last good one
-stays.
+Read top to bottom: the run's settings (every config value is checked before anything runs), mesh and
+input, the trainer, the state (resume from the newest checkpoint of the workdir, or `init_from`), the
+compiled step, then the loop. A SIGTERM saves a checkpoint at the next step boundary and returns
+normally. A non-finite metric stops the run with a message naming the step and the metric; checkpoints
+are written only after their steps were checked, so the last good one stays. The one evaluation the loop
+runs is k-NN during training (`config.eval.knn_every_epochs`); the end-of-run report is the caller's
+(`udi_jax.evaluate.report`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import signal
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from udi_jax.config_check import validate
-from udi_jax.data.photometric import PhotometricSettings
-from udi_jax.data.pipeline import InputPipeline, settings_from_config
-from udi_jax.data.sources import limit, open_source
-from udi_jax.method.objective import ObjectiveSettings
-from udi_jax.method.sampling import SamplingSettings
-from udi_jax.method.schedules import Schedules
-from udi_jax.models.networks import build_networks
-from udi_jax.train.checkpoint import Checkpoints
-from udi_jax.train.optimizer import OptimizerSettings, make_optimizer
+from udi_jax.data.pipeline import InputPipeline, PipelineSettings, settings_from_config
+from udi_jax.data.sources import Source, training_source
+from udi_jax.errors import config_errors
+from udi_jax.evaluate import run as evaluation
+from udi_jax.mesh import batch_sharding, data_mesh
+from udi_jax.models.networks import LEVELS
+from udi_jax.train.checkpoint import Checkpoints, checkpoint_dir
 from udi_jax.train.state import TrainState, abstract_state, create_state
-from udi_jax.train.step import Trainer, make_train_step
-
-
-def trainer_from_config(config, steps_per_epoch: int) -> Trainer:
-  schedules = Schedules.from_config(config, steps_per_epoch)
-  tx = make_optimizer(OptimizerSettings.from_config(config), schedules.learning_rate,
-                      schedules.weight_decay_at, schedules.last_layer_trainable)
-  return Trainer(nets=build_networks(config), objective=ObjectiveSettings.from_config(config),
-                 sampling=SamplingSettings.from_config(config), schedules=schedules, tx=tx, seed=config.seed,
-                 photometric=(PhotometricSettings(blur_radius=tuple(config.data.blur_radius))
-                              if config.data.augment else None))
-
+from udi_jax.train.step import PARALLEL, Trainer, make_train_step
 
 PREEMPTION_CHECK_STEPS = 10   # multi-host: steps between agreeing on a SIGTERM
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """The loop's own fields of a config: batch, mapping, logging, checkpoints, k-NN, initialisation."""
+  batch_size: int
+  parallel: str
+  log_every_steps: int
+  checkpoint_every_steps: int
+  keep_checkpoints: int
+  keep_every_epochs: int
+  knn_every_epochs: int
+  init_from: str
+
+  @classmethod
+  def from_config(cls, config, num_devices: int, num_processes: int) -> 'RunSettings':
+    if config.batch_size <= 0 or config.batch_size % num_devices:
+      raise ValueError(f'config.batch_size={config.batch_size} does not divide over {num_devices} devices; '
+                       f'use a positive multiple of {num_devices}.')
+    if config.parallel not in PARALLEL:
+      raise ValueError(f'config.parallel={config.parallel!r} is not known; use one of {PARALLEL}.')
+    if config.parallel == 'pmap' and num_processes > 1:
+      raise ValueError("config.parallel='pmap' runs on one process; use config.parallel='shard_map' on "
+                       'several hosts.')
+    if config.log_every_steps <= 0 or config.checkpoint_every_steps < 0 or config.keep_checkpoints < 1:
+      raise ValueError('config.log_every_steps must be positive, checkpoint_every_steps >= 0 and '
+                       'keep_checkpoints >= 1.')
+    torch_file = config.init_from[len('torch:'):] if config.init_from.startswith('torch:') else None
+    if torch_file is not None and not pathlib.Path(torch_file).is_file():
+      raise ValueError(f'config.init_from={config.init_from}: no such file; give torch:PATH to a .pth or '
+                       '.safetensors file.')
+    return cls(batch_size=config.batch_size, parallel=config.parallel, log_every_steps=config.log_every_steps,
+               checkpoint_every_steps=config.checkpoint_every_steps, keep_checkpoints=config.keep_checkpoints,
+               keep_every_epochs=config.keep_every_epochs, knn_every_epochs=config.eval.knn_every_epochs,
+               init_from=config.init_from)
+
+
+def check_config(config, num_devices: int, num_processes: int = 1) -> None:
+  """Refuses an impossible training config before anything runs (ConfigError, one sentence): builds
+  every settings object of a run, each of which refuses its own bad values."""
+  with config_errors():
+    RunSettings.from_config(config, num_devices, num_processes)
+    settings_from_config(config)
+    evaluation.check_config(config)
+    Trainer.from_config(config, steps_per_epoch=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  state: TrainState
+  trainer: Trainer
+  completed: bool            # False when a SIGTERM stopped the run early
 
 
 class Preemption:
@@ -78,21 +118,59 @@ class Preemption:
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
-def _first_non_finite(pending: list[tuple[int, dict]]) -> Optional[tuple[int, str]]:
-  for step, metrics in pending:
-    for name, value in metrics.items():
-      if not np.all(np.isfinite(value)):
-        return step, name
-  return None
-
-
 def progress_line(step: int, total: int, steps_per_epoch: int, m: dict, seconds_per_step: float,
                   batch_size: int) -> str:
-  levels = ' '.join(f'{k[5:]} {m[k]:.3f}' for k in ('loss/cls', 'loss/cls_plus', 'loss/patch') if k in m)
+  levels = ' '.join(f'{level} {m[f"loss/{level}"]:.3f}' for level in LEVELS if f'loss/{level}' in m)
   eta = time.strftime('%H:%M:%S', time.gmtime(max(total - step, 0) * seconds_per_step))
   return (f'step {step}/{total} (epoch {(step - 1) // steps_per_epoch}) loss {m["loss"]:.4f} [{levels}] '
           f'lr {m["lr"]:.2e} T_t {m["teacher_temp"]:.4f} | {batch_size / seconds_per_step:.1f} img/s, '
           f'ETA {eta}')
+
+
+class MetricsLog:
+  """The steps' metrics, kept on the device until a log step; then checked for non-finite values and
+  written to TensorBoard, `metrics.jsonl` and the progress line (process 0)."""
+
+  def __init__(self, workdir: pathlib.Path, total_steps: int, steps_per_epoch: int, batch_size: int,
+               start: int):
+    self.workdir, self.total_steps, self.steps_per_epoch = workdir, total_steps, steps_per_epoch
+    self.batch_size, self.primary = batch_size, jax.process_index() == 0
+    self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.primary)
+    self.pending: list[tuple[int, dict]] = []
+    self.last_time, self.last_step = time.time(), start
+
+  def add(self, step: int, metrics: dict):
+    self.pending.append((step, metrics))
+
+  def write(self, step: int, scalars: dict):
+    self.writer.write_scalars(step, scalars)
+    if self.primary:
+      with open(self.workdir / 'metrics.jsonl', 'a') as f:
+        f.write(json.dumps({'step': step, **scalars}) + '\n')
+
+  def flush(self, step: int, last_good: Optional[int]):
+    """Writes the mean of the pending steps; raises FloatingPointError naming the first non-finite one."""
+    fetched = [(s, jax.device_get(m)) for s, m in self.pending]
+    self.pending = []
+    for bad_step, metrics in fetched:
+      for name, value in metrics.items():
+        if not np.all(np.isfinite(value)):
+          raise FloatingPointError(
+              f'Non-finite {name} at step {bad_step}; stopping. The last good checkpoint is '
+              f'{"step " + str(last_good) if last_good is not None else "none"} in {self.workdir / "checkpoints"}.')
+    if not fetched:
+      return
+    mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+    seconds_per_step = max(time.time() - self.last_time, 1e-9) / max(step - self.last_step, 1)
+    mean['images_per_s'] = self.batch_size / seconds_per_step
+    self.write(step, mean)
+    if self.primary:
+      print(progress_line(step, self.total_steps, self.steps_per_epoch, mean, seconds_per_step,
+                          self.batch_size), flush=True)
+    self.last_time, self.last_step = time.time(), step
+
+  def close(self):
+    self.writer.flush()
 
 
 def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> TrainState:
@@ -116,8 +194,7 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
             f'{imported.unused_keys[:10] or "none"}.', flush=True)
     return TrainState(step=state.step, student={**state.student, **parts()}, teacher={**state.teacher, **parts()},
                       opt=state.opt, centres=centres)
-  path = pathlib.Path(init_from)
-  directory = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+  directory = checkpoint_dir(init_from)
   if not directory.is_dir():
     raise FileNotFoundError(f'config.init_from={init_from} is neither a workdir nor a checkpoint directory '
                             '(use torch:PATH for PyTorch files).')
@@ -130,152 +207,98 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
                     centres=other.centres)
 
 
-def train_and_evaluate(config, workdir: str, *, step_hook: Optional[Callable] = None) -> TrainState:
-  """Trains until config.epochs (or a SIGTERM); returns the final state. `step_hook(step_fn)` may wrap
-  the compiled step (tests)."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  validate(config, jax.device_count(), jax.process_count())
-  primary = jax.process_index() == 0
-
-  # ---- Mesh and input.
-  mesh = Mesh(np.array(jax.devices()), ('data',))
-  source = open_source(config.data.source, data_dir=config.data.data_dir or None)
-  if config.data.max_examples:
-    source = limit(source, config.data.max_examples)
-  pipe_settings = settings_from_config(config)
-  steps_per_epoch = len(source) // config.batch_size
-  if steps_per_epoch < 1:
-    raise ValueError(f'config.data.source={config.data.source} has {len(source)} examples, fewer than '
-                     f'config.batch_size={config.batch_size}; use a smaller batch.')
-
-  # ---- Model, optimiser, schedules.
-  trainer = trainer_from_config(config, steps_per_epoch)
-  total_steps = trainer.schedules.total_steps
-  config_dict = json.loads(config.to_json_best_effort())
-  if primary:
-    (workdir / 'config.json').write_text(json.dumps(config_dict, indent=2))
-
-  # ---- State: resume, or create (optionally from another run).
-  keep_period = config.keep_every_epochs * steps_per_epoch if config.keep_every_epochs else None
-  checkpoints = Checkpoints(workdir / 'checkpoints', keep=config.keep_checkpoints, keep_period=keep_period)
+def _initial_state(trainer: Trainer, run: RunSettings, checkpoints: Checkpoints, seed: int,
+                   mesh) -> tuple[TrainState, Optional[dict]]:
+  """(state, input-iterator state): the newest checkpoint of the run, or a new state (maybe `init_from`)."""
   abstract = abstract_state(trainer.nets, trainer.tx, mesh)
-  data_state = None
   if checkpoints.latest_step() is not None:
     state, data_state, step = checkpoints.restore(abstract)
-    if primary:
-      print(f'Resuming from the checkpoint of step {step} in {workdir / "checkpoints"}.', flush=True)
-  else:
-    state = create_state(trainer.nets, trainer.tx, jax.random.key(config.seed), mesh)
-    if config.init_from:
-      state = _load_init(state, config.init_from, abstract)
-  start = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+      print(f'Resuming from the checkpoint of step {step} in {checkpoints.manager.directory}.', flush=True)
+    return state, data_state
+  state = create_state(trainer.nets, trainer.tx, jax.random.key(seed), mesh)
+  if run.init_from:
+    state = _load_init(state, run.init_from, abstract)
+  return state, None
 
-  sharding = NamedSharding(mesh, P('data')) if config.parallel == 'shard_map' else None
-  pipeline = InputPipeline(source, pipe_settings, num_steps=total_steps, start_step=start, sharding=sharding)
+
+def _knn_now(config, nets, state: TrainState, step: int, log: MetricsLog):
+  results = evaluation.knn_during_training(config, nets, state)
+  log.write(step, {f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()})
+  if log.primary:
+    k = evaluation.reported_k(config)
+    print(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}' for t, r in results.items()),
+          flush=True)
+
+
+def _settings(config) -> tuple[RunSettings, PipelineSettings, Source, Trainer]:
+  """Every settings object of the run, built once (each refuses its own bad values: ConfigError, before
+  anything runs), and the training images."""
+  with config_errors():
+    run = RunSettings.from_config(config, jax.device_count(), jax.process_count())
+    pipe_settings = settings_from_config(config)
+    evaluation.check_config(config)
+  source = training_source(config)
+  with config_errors():
+    if len(source) < run.batch_size:
+      raise ValueError(f'config.data.source={config.data.source} has {len(source)} examples, fewer than '
+                       f'config.batch_size={run.batch_size}; use a smaller batch.')
+    trainer = Trainer.from_config(config, steps_per_epoch=len(source) // run.batch_size)
+  return run, pipe_settings, source, trainer
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path) -> TrainResult:
+  """Trains until config.epochs (or a SIGTERM). Raises ConfigError for an impossible config before
+  anything runs, FloatingPointError at a non-finite metric."""
+  run, pipe_settings, source, trainer = _settings(config)
+  mesh = data_mesh()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  steps_per_epoch, total_steps = trainer.schedules.steps_per_epoch, trainer.schedules.total_steps
+  config_dict = json.loads(config.to_json_best_effort())
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(json.dumps(config_dict, indent=2))
+
+  # ---- State: resume, or create (optionally from another run); the input from the same step.
+  keep_period = run.keep_every_epochs * steps_per_epoch if run.keep_every_epochs else None
+  checkpoints = Checkpoints(workdir / 'checkpoints', keep=run.keep_checkpoints, keep_period=keep_period)
+  state, data_state = _initial_state(trainer, run, checkpoints, config.seed, mesh)
+  start = int(jax.device_get(state.step))
+  pipeline = InputPipeline(source, pipe_settings, num_steps=total_steps, start_step=start,
+                           sharding=batch_sharding(mesh) if run.parallel == 'shard_map' else None)
   if data_state is not None:
     pipeline.set_state(data_state)
-
-  train_step = make_train_step(trainer, mesh, config.parallel)
-  if step_hook is not None:
-    train_step = step_hook(train_step)
-  writer = metric_writers.create_default_writer(str(workdir), just_logging=not primary)
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_steps=config.log_every_steps)
-  if primary:
+  train_step = make_train_step(trainer, mesh, run.parallel)
+  log = MetricsLog(workdir, total_steps, steps_per_epoch, run.batch_size, start)
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=log.writer,
+                                           every_steps=run.log_every_steps)
+  if log.primary:
     print(f'Training {total_steps} steps ({config.epochs} epochs x {steps_per_epoch}) from step {start}; '
           f'workdir {workdir}', flush=True)
 
-  # ---- Loop.
-  pending: list[tuple[int, dict]] = []
-  last_log_time, last_log_step = time.time(), start
-
-  def check_and_log(step: int):
-    nonlocal pending, last_log_time, last_log_step
-    fetched = [(s, jax.device_get(m)) for s, m in pending]
-    pending = []
-    bad = _first_non_finite(fetched)
-    if bad is not None:
-      good = checkpoints.latest_step()
-      raise FloatingPointError(
-          f'Non-finite {bad[1]} at step {bad[0]}; stopping. The last good checkpoint is '
-          f'{"step " + str(good) if good is not None else "none"} in {workdir / "checkpoints"}.')
-    if not fetched:
-      return
-    mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
-    seconds_per_step = max(time.time() - last_log_time, 1e-9) / max(step - last_log_step, 1)
-    mean['images_per_s'] = config.batch_size / seconds_per_step
-    writer.write_scalars(step, mean)
-    if primary:
-      with open(workdir / 'metrics.jsonl', 'a') as f:
-        f.write(json.dumps({'step': step, **mean}) + '\n')
-      print(progress_line(step, total_steps, steps_per_epoch, mean, seconds_per_step, config.batch_size),
-            flush=True)
-    last_log_time, last_log_step = time.time(), step
-
-  def knn_now(step: int):
-    from udi_jax.evaluate import run as evaluation   # only when asked: opens the evaluation splits
-    train, test = evaluation.eval_sources(config)
-    tokens = evaluation.token_kinds(config, trainer.nets)
-    backbone = evaluation.evaluated_network(config, state)['backbone']
-    results = evaluation.knn_results(trainer.nets, backbone, train, test, config, tokens)
-    flat = {f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()}
-    writer.write_scalars(step, flat)
-    if primary:
-      with open(workdir / 'metrics.jsonl', 'a') as f:
-        f.write(json.dumps({'step': step, **flat}) + '\n')
-      k = evaluation.reported_k(config)
-      print(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}'
-                                                   for t, r in results.items()), flush=True)
-
+  # ---- Loop: metrics stay on the device until a log step; saves only after their steps were checked.
   with Preemption() as preemption:
     step = start
     while step < total_steps:
-      batch = next(pipeline)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, next(pipeline))
       step += 1
-      pending.append((step, metrics))
+      log.add(step, metrics)
       progress(step)
       end_of_epoch = step % steps_per_epoch == 0
       save = (end_of_epoch or step == total_steps
-              or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
+              or (run.checkpoint_every_steps and step % run.checkpoint_every_steps == 0))
       stop = preemption.agreed(step)
-      if save or stop or step % config.log_every_steps == 0:
-        check_and_log(step)
+      if save or stop or step % run.log_every_steps == 0:
+        log.flush(step, checkpoints.latest_step())
       if save or stop:
         checkpoints.save(step, state, pipeline.get_state(), config_dict)
       if stop:
         logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
         break
-      every = config.eval.knn_every_epochs
-      if end_of_epoch and every and (step // steps_per_epoch) % every == 0:
-        knn_now(step)
+      if end_of_epoch and run.knn_every_epochs and (step // steps_per_epoch) % run.knn_every_epochs == 0:
+        _knn_now(config, trainer.nets, state, step, log)
   checkpoints.wait()
   checkpoints.close()
   pipeline.close()
-  writer.flush()
-  if config.eval.report and step == total_steps:
-    final_report(config, trainer, state, mesh, workdir)
-  return state
-
-
-def final_report(config, trainer: Trainer, state: TrainState, mesh: Mesh, workdir: pathlib.Path):
-  """After training: the k-NN table (raw pixels, initialisation, trained network) and pictures."""
-  from udi_jax.evaluate import run as evaluation
-  init = create_state(trainer.nets, trainer.tx, jax.random.key(config.seed), mesh)
-  pick = lambda st: jax.device_get(evaluation.evaluated_network(config, st))
-  table, _ = evaluation.comparison_table(config, trainer.nets, pick(init), pick(state), workdir)
-  pictures = evaluation.pictures(config, trainer.nets, pick(state), workdir)
-  if jax.process_index() == 0:
-    from udi_jax import export
-    teacher = jax.device_get(state.teacher)
-    out = workdir / 'export' / 'teacher_timm.safetensors'
-    export.write(export.payload('timm', trainer.nets, None, teacher, None), out)
-    print('\n' + table + '\n', flush=True)
-    print(export.how_to_load('timm', trainer.nets, out, None, 'teacher', int(jax.device_get(state.step))),
-          flush=True)
-    print(f'Everything is in {workdir}:\n  k-NN table   {workdir / "eval" / "knn_table.md"} (and .json)\n'
-          f'  pictures     ' + '\n               '.join(str(p) for p in pictures) +
-          f'\n  PyTorch      {workdir / "export" / "teacher_timm.safetensors"} (timm layout)'
-          f'\n  checkpoints  {workdir / "checkpoints"}\n  metrics      {workdir / "metrics.jsonl"} '
-          f'(TensorBoard: tensorboard --logdir {workdir})', flush=True)
+  log.close()
+  return TrainResult(state=state, trainer=trainer, completed=step == total_steps)

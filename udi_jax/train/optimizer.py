@@ -114,19 +114,3 @@ def make_optimizer(settings: OptimizerSettings, learning_rate: Callable, weight_
   groups = optax.partition({'rest': adamw(), 'last_layer': frozen_until(adamw(), last_layer_trainable)},
                            group_labels)
   return optax.chain(*clip, groups)
-
-
-def adam_moments(opt_state, params):
-  """(mu, nu, count) trees shaped like `params`, merged from the two groups (count per tensor)."""
-  partition_state = next(s for s in opt_state if hasattr(s, 'inner_states'))
-  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
-  by_path = {'mu': {}, 'nu': {}, 'count': {}}
-  for masked in partition_state.inner_states.values():
-    adam = next(s for s in jax.tree.leaves(masked.inner_state, is_leaf=is_adam) if is_adam(s))
-    for field in ('mu', 'nu'):
-      for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(adam, field))[0]:
-        by_path[field][path] = leaf
-        by_path['count'][path] = adam.count
-  paths, tree = jax.tree_util.tree_flatten_with_path(params)
-  rebuild = lambda field: jax.tree.unflatten(tree, [by_path[field][path] for path, _ in paths])
-  return rebuild('mu'), rebuild('nu'), rebuild('count')

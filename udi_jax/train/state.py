@@ -8,8 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from udi_jax import mesh as meshes
 from udi_jax.method.objective import init_centres
 from udi_jax.models.networks import Networks
 
@@ -35,7 +36,7 @@ def init_state(nets: Networks, tx: optax.GradientTransformation, rng: jax.Array)
 
 
 def replicated(mesh: Mesh, tree) -> Any:
-  return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)
+  return jax.tree.map(lambda _: meshes.replicated(mesh), tree)
 
 
 def create_state(nets: Networks, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh) -> TrainState:

@@ -25,10 +25,12 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from udi_jax import rng
 from udi_jax.data import photometric
+from udi_jax.mesh import DATA_AXIS
 from udi_jax.method.objective import ObjectiveSettings, udi_objective
 from udi_jax.method.sampling import SamplingSettings, draw_samples
 from udi_jax.method.schedules import Schedules
-from udi_jax.models.networks import Networks
+from udi_jax.models.networks import PATCH, Networks, build_networks
+from udi_jax.train.optimizer import OptimizerSettings, make_optimizer
 from udi_jax.train.state import TrainState
 
 PARALLEL = ('shard_map', 'pmap')
@@ -44,7 +46,17 @@ class Trainer:
   tx: optax.GradientTransformationExtraArgs
   seed: int
   photometric: Optional[photometric.PhotometricSettings] = photometric.PhotometricSettings()
-  with_grads: bool = False     # also return the summed gradients (for tests)
+
+  @classmethod
+  def from_config(cls, config, steps_per_epoch: int) -> 'Trainer':
+    """Every setting of a step from the config; each refuses its own impossible values (ValueError)."""
+    schedules = Schedules.from_config(config, steps_per_epoch)
+    tx = make_optimizer(OptimizerSettings.from_config(config), schedules.learning_rate,
+                        schedules.weight_decay_at, schedules.last_layer_trainable)
+    augment = photometric.PhotometricSettings.from_config(config) if config.data.augment else None
+    return cls(nets=build_networks(config), objective=ObjectiveSettings.from_config(config),
+               sampling=SamplingSettings.from_config(config), schedules=schedules, tx=tx, seed=config.seed,
+               photometric=augment)
 
 
 def _augment(images: jax.Array, keys: jax.Array, first_crop: int,
@@ -71,7 +83,7 @@ def step_body(t: Trainer, state: TrainState, batch: dict[str, jax.Array],
   crops_global = _augment(batch['global'], photo_keys, 0, t.photometric)
   crops_local = _augment(batch['local'], photo_keys, 2, t.photometric) if batch['local'].shape[1] else None
   samples = (draw_samples(batch['boxes'], rng.stream(keys, 'sampling'), t.sampling)
-             if 'patch' in t.nets.levels else None)
+             if PATCH in t.nets.levels else None)
   temperature = t.schedules.teacher_temperature(state.step)
 
   def loss_fn(student):
@@ -96,8 +108,6 @@ def step_body(t: Trainer, state: TrainState, batch: dict[str, jax.Array],
              'grad_norm': global_norm(grads), 'update_norm': global_norm(updates),
              'param_norm': global_norm(student),
              'skipped_images': gsum(jnp.sum(batch['skipped'])) if 'skipped' in batch else jnp.zeros(())}
-  if t.with_grads:
-    metrics['grads'] = grads
   new_state = TrainState(step=state.step + 1, student=student, teacher=teacher, opt=opt, centres=out.centres)
   return new_state, metrics
 
@@ -107,13 +117,13 @@ def make_train_step(t: Trainer, mesh: Mesh, parallel: str = 'shard_map', donate:
   this process's rows (pmap, one process)."""
   if parallel not in PARALLEL:
     raise ValueError(f'config.parallel={parallel!r} is not known; use one of {PARALLEL}.')
-  body = functools.partial(step_body, t, axis_name='data')
+  body = functools.partial(step_body, t, axis_name=DATA_AXIS)
   if parallel == 'shard_map':
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), P('data')), out_specs=(P(), P()),
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()),
                            check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,) if donate else ())
   devices = mesh.devices.size
-  pmapped = jax.pmap(body, axis_name='data', in_axes=(None, 0), out_axes=(None, None),
+  pmapped = jax.pmap(body, axis_name=DATA_AXIS, in_axes=(None, 0), out_axes=(None, None),
                      devices=list(mesh.devices.flat))
 
   def run(state, batch):

@@ -1,0 +1,232 @@
+"""Helpers shared by the tests: error measures, the tiny model and random batches, the subprocess runs of
+`udi_jax.main`, and reading a run's checkpoint and metrics.
+
+Two tiny setups: `tiny_config` keeps the real token grids (14x14 global, 6x6 local) for objective-level
+tests on random crops; `tests/tiny_train_config.py` is the tiny training run on bundled digits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_CONFIG = 'tests/tiny_train_config.py'
+
+
+# ---- Error measures.
+
+def rel(a, b) -> float:
+  """‖a − b‖ / ‖b‖ in float64 (0-safe)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def max_rel(a, b) -> float:
+  """max|a − b| / max|b| in float64: the golden README's measure for tables (centres)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def worst_rel(tree, ref) -> float:
+  """The largest `rel` over the leaves of two pytrees of the same structure."""
+  return max(jax.tree.leaves(jax.tree.map(rel, tree, ref)))
+
+
+# ---- The tiny model with the real token grids, random inputs.
+
+def tiny_config(num_cls_tokens: int = 2, num_local: int = 3) -> ml_collections.ConfigDict:
+  from configs import vits16
+  config = vits16.get_config()
+  config.model.patch_size = 8                     # 112 px -> 14x14, 48 px -> 6x6 as in the real run
+  config.model.embed_dim = 32
+  config.model.depth = 2
+  config.model.num_heads = 2
+  config.model.num_cls_tokens = num_cls_tokens
+  config.model.head_hidden_dim = 48
+  config.model.head_bottleneck_dim = 24
+  config.model.out_dim = 64
+  config.model.dtype = 'float32'
+  config.data.global_size = 112
+  config.data.local_size = 48
+  config.data.num_local = num_local
+  return config
+
+
+def random_boxes(rng: np.random.Generator, batch: int, num_local: int) -> np.ndarray:
+  """Plausible crop boxes (B, 2+n_l, 4): overlapping global views, locals near them, random flips."""
+  boxes = []
+  for _ in range(batch):
+    per_image = []
+    for k in range(2 + num_local):
+      size = rng.uniform(0.5, 1.0, 2) if k < 2 else rng.uniform(0.2, 0.5, 2)
+      start = rng.uniform(0, 1 - size)
+      box = np.concatenate([start, start + size])
+      if rng.random() < 0.5:
+        box[[1, 3]] = box[[3, 1]]
+      per_image.append(box)
+    boxes.append(per_image)
+  return np.asarray(boxes, np.float32)
+
+
+def random_batch(config, batch: int, seed: int = 0):
+  """Normalised-looking crops and boxes for `batch` images."""
+  rng = np.random.default_rng(seed)
+  n_local, gs, ls = config.data.num_local, config.data.global_size, config.data.local_size
+  crops_global = rng.normal(size=(batch, 2, gs, gs, 3)).astype(np.float32)
+  crops_local = rng.normal(size=(batch, n_local, ls, ls, 3)).astype(np.float32)
+  return crops_global, crops_local, random_boxes(rng, batch, n_local)
+
+
+def perturbed_teacher(student, seed: int = 1, scale: float = 0.01):
+  """A teacher that differs from the student, as after some EMA steps."""
+  leaves, tree = jax.tree.flatten(student)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(tree, [x + scale * rng.normal(size=x.shape).astype(np.float32) for x in leaves])
+
+
+def centre_table(out_dim: int, seed: int = 2) -> np.ndarray:
+  """Non-zero centres in the official (3, K) layout (rows cls, cls_plus, patch), as after some steps."""
+  return 0.05 * np.random.default_rng(seed).normal(size=(3, out_dim)).astype(np.float32)
+
+
+# ---- Subprocess runs of `python -m udi_jax.main` on the tiny training config.
+
+def env(devices: int) -> dict:
+  """The environment of a subprocess: `devices` CPU devices, this session's compilation cache."""
+  e = dict(os.environ)
+  e.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
+           JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5', PYTHONPATH=str(REPO))
+  return e
+
+
+def start(workdir, *overrides, devices=2, extra_env=None) -> subprocess.Popen:
+  command = [sys.executable, '-m', 'udi_jax.main', f'--config={TRAIN_CONFIG}', f'--workdir={workdir}', *overrides]
+  return subprocess.Popen(command, cwd=REPO, env={**env(devices), **(extra_env or {})},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process, timeout=600) -> tuple[int, str, str]:
+  out, err = process.communicate(timeout=timeout)
+  return process.returncode, out, err
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit()) if directory.is_dir() else []
+
+
+def wait_for_checkpoint(workdir, step, process, timeout=300) -> int:
+  """The newest checkpoint step once it is >= `step` (fails if the process ends first)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    done = checkpoint_steps(workdir)
+    if done and done[-1] >= step:
+      return done[-1]
+    assert process.poll() is None, finish(process)
+    time.sleep(0.05)
+  raise TimeoutError(f'no checkpoint {step} in {workdir}')
+
+
+# ---- Reading a run.
+
+def metrics_by_step(workdir) -> dict[int, dict]:
+  """The logged metrics of every step, merged (a k-NN line joins its step's line; a resumed run logs
+  some steps twice, and the later line wins)."""
+  merged = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
+    row = json.loads(line)
+    merged.setdefault(row['step'], {}).update(row)
+  return merged
+
+
+def frozen_init_config(init_from: str):
+  """The tiny training config for one epoch in which nothing moves (lr 0, EMA momentum 1), started from
+  `init_from`: the trained state shows what was loaded."""
+  from tests import tiny_train_config
+  config = tiny_train_config.get_config()
+  config.epochs = 1
+  config.optim.lr = 0.0
+  config.udi.momentum_teacher = 1.0
+  config.init_from = init_from
+  return config
+
+
+def restore(workdir, config, step=None):
+  """(state, data state) of a checkpoint, on the host."""
+  from udi_jax.train.checkpoint import restore_run
+  run = restore_run(workdir, step, config=config)
+  return run.state, run.data_state
+
+
+def compare_student(params, ref, ref_grads) -> tuple[float, float]:
+  """Worst per-tensor relative error of the student, and the size of the attention key-bias gradients.
+
+  The key part of every fused qkv bias has an exactly zero true gradient (softmax over keys is invariant
+  to it), so it holds rounding noise that Adam scales up to lr-sized steps: it differs between any two
+  reduction orders, as in the official code. It is left out of the per-tensor comparison (the q and v
+  parts are compared) after checking that its gradient is indeed noise (relative to the q/v parts) in
+  every gradient of `ref_grads`.
+  """
+  worst, key_grad = 0.0, 0.0
+  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref)):
+    names = [str(getattr(k, 'key', k)) for k in path]
+    if names[-2:] == ['qkv', 'bias']:
+      width = got.shape[0] // 3
+      keep = np.r_[0:width, 2 * width:3 * width]
+      worst = max(worst, rel(got[keep], want[keep]))
+      for grads in ref_grads:
+        grad = grads
+        for name in names:
+          grad = grad[name]
+        key_grad = max(key_grad, np.linalg.norm(grad[width:2 * width]) / np.linalg.norm(grad[keep]))
+    else:
+      worst = max(worst, rel(got, want))
+  return worst, key_grad
+
+
+# ---- Optimiser internals.
+
+class KeptGradients(NamedTuple):
+  grads: Any
+
+
+def keep_gradients() -> optax.GradientTransformationExtraArgs:
+  """An identity transformation whose state holds the gradients it last saw: chained in front of a
+  Trainer's optimiser (`optax.chain(keep_gradients(), trainer.tx)`), it exposes the summed gradients of
+  every compiled step as `state.opt[0].grads`, with no hook in the library."""
+  def update(updates, state, params=None, **extra):
+    del state, params, extra
+    return updates, KeptGradients(updates)
+  return optax.GradientTransformationExtraArgs(
+      lambda params: KeptGradients(jax.tree.map(jnp.zeros_like, params)), update)
+
+
+def adam_moments(opt_state, params):
+  """(mu, nu, count) trees shaped like `params`, merged from the optimiser's two groups (count per
+  tensor), to compare with torch's per-tensor Adam state."""
+  partition_state = next(s for s in opt_state if hasattr(s, 'inner_states'))
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  by_path = {'mu': {}, 'nu': {}, 'count': {}}
+  for masked in partition_state.inner_states.values():
+    adam = next(s for s in jax.tree.leaves(masked.inner_state, is_leaf=is_adam) if is_adam(s))
+    for field in ('mu', 'nu'):
+      for path, leaf in jax.tree_util.tree_flatten_with_path(getattr(adam, field))[0]:
+        by_path[field][path] = leaf
+        by_path['count'][path] = adam.count
+  paths, tree = jax.tree_util.tree_flatten_with_path(params)
+  rebuild = lambda field: jax.tree.unflatten(tree, [by_path[field][path] for path, _ in paths])
+  return rebuild('mu'), rebuild('nu'), rebuild('count')
