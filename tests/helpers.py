@@ -90,6 +90,20 @@ def random_batch(config, batch: int, seed: int = 0):
   return crops_global, crops_local, random_boxes(rng, batch, n_local)
 
 
+def init_params(nets, seed: int = 0):
+  """Fresh params of `nets`, initialised in one compiled program: op by op, the initialisation of even the
+  tiny model costs seconds of small compilations on a CPU."""
+  return jax.jit(nets.init)(jax.random.key(seed))
+
+
+def draw(config, boxes, seed: int = 3):
+  """The sampling of `config` for boxes (B, 2+n_l, 4), one key per image from `seed`, compiled."""
+  from udi_jax.method.sampling import SamplingSettings, draw_samples
+  settings = SamplingSettings.from_config(config)
+  keys = jax.random.split(jax.random.key(seed), len(boxes))
+  return jax.jit(lambda b, k: draw_samples(b, k, settings))(jnp.asarray(boxes), keys)
+
+
 def perturbed_teacher(student, seed: int = 1, scale: float = 0.01):
   """A teacher that differs from the student, as after some EMA steps."""
   leaves, tree = jax.tree.flatten(student)

@@ -7,20 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import centre_table, perturbed_teacher, random_batch, tiny_config
+from tests.helpers import centre_table, draw, init_params, perturbed_teacher, random_batch, tiny_config
 from udi_jax.interop.official import centres_from_official
 from udi_jax.method.objective import ObjectiveSettings, udi_objective
-from udi_jax.method.sampling import SamplingSettings, draw_cells, draw_samples
+from udi_jax.method.sampling import draw_cells
 from udi_jax.models.networks import build_networks
 
 
-def evaluate(config, batch=3, seed=0, table=None, params=None):
+def evaluate(config, batch=3, seed=0, table=None):
   nets = build_networks(config)
-  student = params if params is not None else nets.init(jax.random.key(0))
+  student = init_params(nets)
   teacher = perturbed_teacher(student)
   crops_global, crops_local, boxes = random_batch(config, batch, seed)
-  samples = (draw_samples(jnp.asarray(boxes), jax.random.split(jax.random.key(3), batch),
-                          SamplingSettings.from_config(config)) if 'patch' in nets.levels else None)
+  samples = draw(config, boxes) if 'patch' in nets.levels else None
   table = centre_table(config.model.out_dim) if table is None else table
   centres = centres_from_official(table, nets.levels)
   _, out = jax.jit(lambda s: udi_objective(nets, ObjectiveSettings.from_config(config), s, teacher, centres,
@@ -37,16 +36,21 @@ def test_without_patch_branch_it_is_exactly_the_dino_loss():
   apply = lambda p, x: nets.project(p, 'cls', nets.embed(p, 'cls', nets.backbone.apply(
       {'params': p['backbone']}, x).cls[:, 0]))
   table = centre_table(config.model.out_dim)
-  teacher_probs = [jax.nn.softmax((apply(teacher, crops_global[:, v]) - table[0]) / 0.05) for v in range(2)]
-  student_crops = [crops_global[:, 0], crops_global[:, 1]] + [crops_local[:, k] for k in range(crops_local.shape[1])]
-  total, terms = 0.0, 0
-  for iq, q in enumerate(teacher_probs):
-    for v, crop in enumerate(student_crops):
-      if v == iq:
-        continue
-      total += jnp.mean(jnp.sum(-q * jax.nn.log_softmax(apply(student, crop) / 0.1), -1))
-      terms += 1
-  np.testing.assert_allclose(out.loss, total / terms, rtol=1e-5)
+
+  @jax.jit
+  def dino_loss(student, teacher):
+    teacher_probs = [jax.nn.softmax((apply(teacher, crops_global[:, v]) - table[0]) / 0.05) for v in range(2)]
+    student_crops = [crops_global[:, 0], crops_global[:, 1]] + [crops_local[:, k] for k in range(crops_local.shape[1])]
+    total, terms = 0.0, 0
+    for iq, q in enumerate(teacher_probs):
+      for v, crop in enumerate(student_crops):
+        if v == iq:
+          continue
+        total += jnp.mean(jnp.sum(-q * jax.nn.log_softmax(apply(student, crop) / 0.1), -1))
+        terms += 1
+    return total / terms
+
+  np.testing.assert_allclose(out.loss, dino_loss(student, teacher), rtol=1e-5)
 
 
 def test_alpha_zero_makes_the_cls_plus_target_the_cls_target():
@@ -117,7 +121,7 @@ def test_separate_heads_one_per_active_level():
     config = tiny_config(num_cls_tokens=tokens)
     config.udi.include_patch = include_patch
     config.model.shared_head = False
-    params = build_networks(config).init(jax.random.key(0))
+    params = jax.eval_shape(build_networks(config).init, jax.random.key(0))
     assert set(params['heads']) == levels and 'head' not in params
 
 

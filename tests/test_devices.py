@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from tests.helpers import centre_table, max_rel, perturbed_teacher, random_batch, rel, tiny_config
+from tests.helpers import centre_table, init_params, max_rel, perturbed_teacher, random_batch, rel, tiny_config
 from udi_jax import rng
 from udi_jax.interop.official import centres_from_official
 from udi_jax.method.objective import ObjectiveSettings, udi_objective
@@ -31,7 +31,7 @@ def setup():
   config = tiny_config(num_local=2)
   config.model.drop_path_rate = 0.3
   nets = build_networks(config)
-  student = nets.init(jax.random.key(0))
+  student = init_params(nets)
   teacher = perturbed_teacher(student)
   crops_global, crops_local, boxes = random_batch(config, BATCH, seed=5)
   table = centre_table(config.model.out_dim)

@@ -6,7 +6,7 @@ import pytest
 
 from configs import vits16
 from tests import golden
-from tests.helpers import tiny_config
+from tests.helpers import init_params, tiny_config
 from udi_jax.interop import official
 from udi_jax.models.networks import build_networks
 
@@ -50,7 +50,7 @@ def test_round_trip_is_bitwise_identity(shared_head):
   config = tiny_config()
   config.model.shared_head = shared_head
   nets = build_networks(config)
-  params = nets.init(jax.random.key(0))
+  params = init_params(nets)
   back = official.from_official(official.to_official(params, prefix='module.'), params)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, back)
   assert jax.tree.structure(back) == jax.tree.structure(params)
@@ -59,7 +59,7 @@ def test_round_trip_is_bitwise_identity(shared_head):
 def test_transforms_match_torch_layouts():
   """Linear (out,in), Conv OIHW, LN weight, weight_g (K,1): checked on one value each."""
   nets = build_networks(tiny_config())
-  params = nets.init(jax.random.key(0))
+  params = init_params(nets)
   state = official.to_official(params)
   kernel = np.asarray(params['backbone']['blocks_0']['mlp']['fc1']['kernel'])     # (in, out)
   np.testing.assert_array_equal(state['backbone.backbone.blocks.0.mlp.fc1.weight'], kernel.T)
@@ -73,7 +73,7 @@ def test_transforms_match_torch_layouts():
 
 def test_bad_state_dicts_are_refused_with_the_key():
   nets = build_networks(tiny_config())
-  params = nets.init(jax.random.key(0))
+  params = init_params(nets)
   state = official.to_official(params)
   del state['backbone.attn.proj.bias']
   with pytest.raises(ValueError, match=r'missing: backbone\.attn\.proj\.bias'):

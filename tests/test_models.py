@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from configs import vits16
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import draw, init_params, random_batch, tiny_config
 from udi_jax.method.objective import ObjectiveSettings, init_centres, udi_objective
-from udi_jax.method.sampling import SamplingSettings, draw_samples
 from udi_jax.models.networks import build_networks
 from udi_jax.models.vit import VisionTransformer, resize_pos_embed, torch_bicubic_matrix, vit
 
@@ -44,11 +43,10 @@ def test_other_sizes_build_and_evaluate_the_objective(arch):
   config.data.global_size, config.data.local_size = 64, 32
   config.udi.global_window, config.udi.local_window = 2, 1
   nets = build_networks(config)
-  params = nets.init(jax.random.key(0))
+  params = init_params(nets)
   assert params['readout']['attn']['qkv']['kernel'].shape[0] == nets.backbone.embed_dim
   crops_global, crops_local, boxes = random_batch(config, batch=1)
-  samples = draw_samples(jnp.asarray(boxes), jax.random.split(jax.random.key(1), 1),
-                         SamplingSettings.from_config(config))
+  samples = draw(config, boxes, seed=1)
   loss, out = jax.jit(lambda p: udi_objective(
       nets, ObjectiveSettings.from_config(config), p, p, init_centres(nets), crops_global, crops_local,
       samples, 0.04))(params)
@@ -139,10 +137,9 @@ def test_bfloat16_compute_keeps_float32_params_and_is_close():
   nets32 = build_networks(config)
   config.model.dtype = 'bfloat16'
   nets16 = build_networks(config)
-  params = nets32.init(jax.random.key(0))
+  params = init_params(nets32)
   crops_global, crops_local, boxes = random_batch(config, batch=2)
-  samples = draw_samples(jnp.asarray(boxes), jax.random.split(jax.random.key(1), 2),
-                         SamplingSettings.from_config(config))
+  samples = draw(config, boxes, seed=1)
   settings = ObjectiveSettings.from_config(config)
   run = lambda nets: jax.jit(lambda p: udi_objective(
       nets, settings, p, p, init_centres(nets), crops_global, crops_local, samples, 0.04))(params)
@@ -168,7 +165,7 @@ def test_dino_without_patch_branch_has_one_level_and_no_readout():
   config = tiny_config(num_cls_tokens=1)
   config.udi.include_patch = False
   nets = build_networks(config)
-  params = nets.init(jax.random.key(0))
+  params = init_params(nets)
   assert nets.levels == ('cls',) and 'readout' not in params
   crops_global, crops_local, _ = random_batch(config, batch=2)
   loss, out = jax.jit(lambda p: udi_objective(nets, ObjectiveSettings.from_config(config), p, p,
@@ -181,7 +178,7 @@ def test_separate_heads_are_keyed_by_level():
   config = tiny_config()
   config.model.shared_head = False
   nets = build_networks(config)
-  params = nets.init(jax.random.key(0))
+  params = init_params(nets)
   assert 'head' not in params and set(params['heads']) == {'cls', 'cls_plus', 'patch'}
   a, b = params['heads']['cls'], params['heads']['patch']
   assert not np.allclose(a['mlp_0']['kernel'], b['mlp_0']['kernel'])
@@ -191,14 +188,13 @@ def test_rematerialised_blocks_give_the_same_loss_and_gradients():
   config = tiny_config()
   config.model.drop_path_rate = 0.2
   crops_global, crops_local, boxes = random_batch(config, batch=2)
-  samples = draw_samples(jnp.asarray(boxes), jax.random.split(jax.random.key(1), 2),
-                         SamplingSettings.from_config(config))
+  samples = draw(config, boxes, seed=1)
   keys = jax.random.split(jax.random.key(2), 2)
   results = []
   for remat in (False, True):
     config.model.remat = remat
     nets = build_networks(config)
-    params = nets.init(jax.random.key(0))
+    params = init_params(nets)
     loss = lambda p: udi_objective(nets, ObjectiveSettings.from_config(config), p, p, init_centres(nets),
                                    crops_global, crops_local, samples, 0.04, drop_path_keys=keys)[0]
     results.append(jax.jit(jax.value_and_grad(loss))(params))

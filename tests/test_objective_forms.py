@@ -7,14 +7,12 @@ dense maps, as the official code does; it is itself checked against the golden n
 """
 
 import jax
-import jax.numpy as jnp
 import pytest
 
+from tests.helpers import centre_table, draw, init_params, perturbed_teacher, random_batch, rel, tiny_config
 from tests.reference_udi import official_maps, reference_loss
-from tests.helpers import centre_table, perturbed_teacher, random_batch, rel, tiny_config
 from udi_jax.interop.official import centres_from_official, centres_to_official
 from udi_jax.method.objective import ObjectiveSettings, udi_objective
-from udi_jax.method.sampling import SamplingSettings, draw_samples
 from udi_jax.models.networks import build_networks
 
 NAMES = {'g_cls': 'g_cl', 'g_cls_plus': 'g_mcl', 'g_patch': 'g_pch', 'l_cls': 'l_cl', 'l_cls_plus': 'l_mcl'}
@@ -26,11 +24,10 @@ def test_optimised_objective_equals_straightforward_form(num_cls_tokens):
   config.udi.alpha = 0.3
   nets = build_networks(config)
   batch, n_local = 3, config.data.num_local
-  student = nets.init(jax.random.key(0))
+  student = init_params(nets)
   teacher = perturbed_teacher(student)
   crops_global, crops_local, boxes = random_batch(config, batch)
-  samples = draw_samples(jnp.asarray(boxes), jax.random.split(jax.random.key(3), batch),
-                         SamplingSettings.from_config(config))
+  samples = draw(config, boxes)
   assert 0 < float(samples.student_mask.mean()) < 1                 # valid and invalid rows both occur
   table = centre_table(config.model.out_dim)
   centres = centres_from_official(table, nets.levels)

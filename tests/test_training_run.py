@@ -41,45 +41,43 @@ def test_workdir_holds_config_metrics_events_and_checkpoints(tiny_run):
 
 @pytest.fixture(scope='module')
 def interrupted_run(tiny_run, tmp_path_factory):
-  """The tiny run's config in a subprocess on 8 devices: SIGTERM after step 3, resumed, SIGKILL after
-  step 7, resumed to the end. Returns the workdir and what each phase left behind."""
+  """The tiny run's config in a subprocess on 8 devices: killed (SIGKILL) after its checkpoint of step 4,
+  run again (it resumes), and stopped with SIGTERM after step 8. Returns the workdir, the step the kill
+  came after and the second run's (exit code, stdout, stderr)."""
   workdir = tmp_path_factory.mktemp('interrupted')
-  phases = {}
   process = start(workdir, devices=8)
-  wait_for_checkpoint(workdir, 3, process)
-  process.send_signal(signal.SIGTERM)
-  phases['sigterm'] = finish(process) + (checkpoint_steps(workdir), max(metrics_by_step(workdir)))
-  process = start(workdir, devices=8)
-  phases['killed_after'] = wait_for_checkpoint(workdir, 7, process)
+  killed_after = wait_for_checkpoint(workdir, 4, process)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  phases['resumed'] = finish(start(workdir, devices=8))
-  return workdir, phases
+  process = start(workdir, devices=8)
+  wait_for_checkpoint(workdir, 8, process)
+  process.send_signal(signal.SIGTERM)
+  return workdir, killed_after, finish(process)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(interrupted_run):
-  _, phases = interrupted_run
-  code, out, err, steps, logged = phases['sigterm']
+  workdir, _, (code, out, err) = interrupted_run
   assert code == 0, err[-3000:]
   assert 'Stopped at step' in err
-  assert max(steps) == logged < TOTAL_STEPS       # stopped early, at a step boundary, with its checkpoint
+  stopped = max(metrics_by_step(workdir))
+  assert checkpoint_steps(workdir)[-1] == stopped < TOTAL_STEPS   # early, at a step boundary, saved
 
 
-def test_resume_after_sigterm_and_sigkill_is_exact(tiny_run, interrupted_run):
-  """Stopped by SIGTERM, resumed, killed (SIGKILL), resumed: the same state, bitwise, and the same
-  per-step losses as the uninterrupted run, and the data order of its iterator."""
+def test_resume_after_sigkill_is_exact(tiny_run, interrupted_run):
+  """Killed, resumed, stopped: the state of the stopping step is, bitwise, the uninterrupted run's at that
+  step, with the same data-iterator state and the same per-step losses."""
   config, reference = tiny_run
-  workdir, phases = interrupted_run
-  assert phases['killed_after'] < TOTAL_STEPS
-  code, out, err = phases['resumed']
-  assert code == 0, err[-3000:]
-  assert 'Resuming from the checkpoint of step' in out
-  got, got_data = restore(workdir, config)
-  want, want_data = restore(reference, config)
-  assert int(got.step) == int(want.step) == TOTAL_STEPS and got_data == want_data
+  workdir, killed_after, (code, out, err) = interrupted_run
+  assert killed_after < TOTAL_STEPS and code == 0, err[-3000:]
+  resumed_from = int(out.split('Resuming from the checkpoint of step ')[1].split()[0])
+  stopped = checkpoint_steps(workdir)[-1]
+  assert killed_after <= resumed_from < stopped
+  got, got_data = restore(workdir, config, stopped)
+  want, want_data = restore(reference, config, stopped)
+  assert int(got.step) == int(want.step) == stopped and got_data == want_data
   jax.tree.map(np.testing.assert_array_equal, got, want)                 # bitwise
   ours, ref = metrics_by_step(workdir), metrics_by_step(reference)
-  assert [ours[s]['loss'] for s in range(1, TOTAL_STEPS + 1)] == [ref[s]['loss'] for s in range(1, TOTAL_STEPS + 1)]
+  assert [ours[s]['loss'] for s in range(1, stopped + 1)] == [ref[s]['loss'] for s in range(1, stopped + 1)]
 
 
 @pytest.mark.parametrize('override,message', [

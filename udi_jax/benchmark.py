@@ -82,6 +82,16 @@ def udi_flops_per_image(config) -> float:
   return 3 * student + teacher
 
 
+def xla_flops(lowered_or_compiled) -> Optional[float]:
+  """XLA's cost-analysis FLOP count of a lowered or compiled program (best effort: None if unavailable)."""
+  try:
+    cost = lowered_or_compiled.cost_analysis()
+  except Exception:   # not every backend implements it
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0)) or None
+
+
 def synthetic_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   from udi_jax.data.crops import CropSettings, multi_crop
   from PIL import Image
@@ -122,12 +132,9 @@ def measure(config, per_device_batch: int, steps: int, warmup: int, peak: Option
       if config.parallel == 'shard_map' else host
   compiled_flops = None
   if config.parallel == 'shard_map':
-    try:
-      cost = step.lower(state, batch).compile().cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      compiled_flops = float(cost.get('flops', 0.0)) * len(devices) / config.batch_size or None
-    except Exception:   # cost analysis is best-effort on some backends
-      compiled_flops = None
+    step = step.lower(state, batch).compile()       # compiled once: XLA's FLOP count, then timed
+    flops = xla_flops(step)
+    compiled_flops = flops * len(devices) / config.batch_size if flops else None
   for _ in range(warmup):
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)

@@ -32,7 +32,8 @@ def _pyplot():
 
 def class_token_attention(nets, backbone_params, images: np.ndarray) -> np.ndarray:
   """uint8 (B, S, S, 3) -> (B, T, heads, F, F): the last block's attention of each class token."""
-  out = nets.backbone.apply({'params': backbone_params}, preprocess(jnp.asarray(images)), return_attention=True)
+  out = jax.jit(lambda p, x: nets.backbone.apply({'params': p}, preprocess(x), return_attention=True))(
+      backbone_params, jnp.asarray(images))
   t = nets.backbone.num_cls_tokens
   grid = images.shape[1] // nets.backbone.patch_size
   attn = out.attention[:, :, :t, t:]                                   # (B, heads, T, N)
@@ -41,10 +42,12 @@ def class_token_attention(nets, backbone_params, images: np.ndarray) -> np.ndarr
 
 def readout_attention(nets, params, images: np.ndarray, points: np.ndarray) -> np.ndarray:
   """Read-out attention (B, P, F, F) (mean over heads) from token indices `points` (B, P)."""
-  out = nets.backbone.apply({'params': params['backbone']}, preprocess(jnp.asarray(images)))
-  idx = jnp.asarray(points, jnp.int32)[..., None]
-  _, attn = nets.readout.apply({'params': params['readout']}, out.patch, idx, jnp.ones(idx.shape),
-                               return_attention=True)                   # (B, heads, P, N)
+  def attention(params, images, idx):
+    out = nets.backbone.apply({'params': params['backbone']}, preprocess(images))
+    return nets.readout.apply({'params': params['readout']}, out.patch, idx, jnp.ones(idx.shape),
+                              return_attention=True)[1]                 # (B, heads, P, N)
+
+  attn = jax.jit(attention)(params, jnp.asarray(images), jnp.asarray(points, jnp.int32)[..., None])
   grid = images.shape[1] // nets.backbone.patch_size
   attn = attn.mean(1)
   return np.asarray(attn.reshape(attn.shape[0], attn.shape[1], grid, grid))
@@ -81,7 +84,8 @@ def draw_attention(nets, params, images: np.ndarray, directory: pathlib.Path, se
   if nets.readout is not None:
     grid = images.shape[1] // nets.backbone.patch_size
     keys = jax.random.split(jax.random.key(seed), len(images))
-    cells = np.stack([np.asarray(stratified_cells(k, grid, min(window, grid)))[:points_per_image] for k in keys])
+    cells = np.asarray(jax.jit(jax.vmap(lambda k: stratified_cells(k, grid, min(window, grid))))(keys))
+    cells = cells[:, :points_per_image]
     attn = readout_attention(nets, params, images, cells)
     path = directory / 'readout_attention.png'
     patch = nets.backbone.patch_size

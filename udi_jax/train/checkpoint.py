@@ -14,12 +14,25 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
+from orbax.checkpoint._src.metadata import array_metadata_store   # the default handler's store
 
 from udi_jax.mesh import data_mesh
 from udi_jax.train.state import TrainState, abstract_state
 from udi_jax.train.step import Trainer
 
-ITEMS = ('state', 'data', 'config')
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
+  """orbax's default handlers, except that a jax.Array under 1 MiB is written whole by one replica: by
+  default orbax slices every replicated array across its replicas, an eager device op per array and
+  replica (seconds per save for a small model, and at the first save of any run)."""
+  registry = ocp.type_handlers.create_type_handler_registry(
+      *[(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()])
+  registry.add(jax.Array, ocp.type_handlers.ArrayHandler(
+      array_metadata_store=array_metadata_store.Store(),
+      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+  return registry
 
 
 def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -33,15 +46,17 @@ class Checkpoints:
                asynchronous: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period, create=True,
                                            enable_async_checkpointing=asynchronous)
+    handlers = {'state': ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+                'data': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
-                                         item_names=ITEMS)
+                                         item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = True) -> bool:
     return self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config)))
 
   def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, int]:
@@ -49,8 +64,9 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'No checkpoint in {self.manager.directory}.')
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args), data=ocp.args.JsonRestore()))
     return restored['state'], restored['data'], step
 
   def restore_config(self, step: Optional[int] = None) -> dict:

@@ -21,7 +21,6 @@ from typing import Optional
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from udi_jax.data.pipeline import InputPipeline, PipelineSettings, settings_from_config
@@ -132,15 +131,20 @@ class MetricsLog:
   written to TensorBoard, `metrics.jsonl` and the progress line (process 0)."""
 
   def __init__(self, workdir: pathlib.Path, total_steps: int, steps_per_epoch: int, batch_size: int,
-               start: int):
+               start: int, log_every_steps: int):
+    # clu's writers load TensorFlow (seconds): imported when a run starts, so a bad config fails at once.
+    from clu import metric_writers, periodic_actions
     self.workdir, self.total_steps, self.steps_per_epoch = workdir, total_steps, steps_per_epoch
     self.batch_size, self.primary = batch_size, jax.process_index() == 0
     self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.primary)
+    self.progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=self.writer,
+                                                    every_steps=log_every_steps)
     self.pending: list[tuple[int, dict]] = []
     self.last_time, self.last_step = time.time(), start
 
   def add(self, step: int, metrics: dict):
     self.pending.append((step, metrics))
+    self.progress(step)
 
   def write(self, step: int, scalars: dict):
     self.writer.write_scalars(step, scalars)
@@ -269,9 +273,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> TrainResult:
   if data_state is not None:
     pipeline.set_state(data_state)
   train_step = make_train_step(trainer, mesh, run.parallel)
-  log = MetricsLog(workdir, total_steps, steps_per_epoch, run.batch_size, start)
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=log.writer,
-                                           every_steps=run.log_every_steps)
+  log = MetricsLog(workdir, total_steps, steps_per_epoch, run.batch_size, start, run.log_every_steps)
   if log.primary:
     print(f'Training {total_steps} steps ({config.epochs} epochs x {steps_per_epoch}) from step {start}; '
           f'workdir {workdir}', flush=True)
@@ -283,7 +285,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> TrainResult:
       state, metrics = train_step(state, next(pipeline))
       step += 1
       log.add(step, metrics)
-      progress(step)
       end_of_epoch = step % steps_per_epoch == 0
       save = (end_of_epoch or step == total_steps
               or (run.checkpoint_every_steps and step % run.checkpoint_every_steps == 0))
