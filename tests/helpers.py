@@ -7,6 +7,7 @@ tests on random crops; `tests/tiny_train_config.py` is the tiny training run on 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -90,18 +91,25 @@ def random_batch(config, batch: int, seed: int = 0):
   return crops_global, crops_local, random_boxes(rng, batch, n_local)
 
 
+@functools.lru_cache(maxsize=None)
 def init_params(nets, seed: int = 0):
-  """Fresh params of `nets`, initialised in one compiled program: op by op, the initialisation of even the
-  tiny model costs seconds of small compilations on a CPU."""
+  """Fresh params of `nets` (the same for equal networks: tests share them), initialised in one compiled
+  program: op by op, the initialisation of even the tiny model costs seconds of small compilations."""
   return jax.jit(nets.init)(jax.random.key(seed))
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_draw(settings):
+  from udi_jax.method.sampling import draw_samples
+  return jax.jit(lambda boxes, keys: draw_samples(boxes, keys, settings))
+
+
 def draw(config, boxes, seed: int = 3):
-  """The sampling of `config` for boxes (B, 2+n_l, 4), one key per image from `seed`, compiled."""
-  from udi_jax.method.sampling import SamplingSettings, draw_samples
-  settings = SamplingSettings.from_config(config)
+  """The sampling of `config` for boxes (B, 2+n_l, 4), one key per image from `seed`, compiled once per
+  sampling settings."""
+  from udi_jax.method.sampling import SamplingSettings
   keys = jax.random.split(jax.random.key(seed), len(boxes))
-  return jax.jit(lambda b, k: draw_samples(b, k, settings))(jnp.asarray(boxes), keys)
+  return _compiled_draw(SamplingSettings.from_config(config))(jnp.asarray(boxes), keys)
 
 
 def perturbed_teacher(student, seed: int = 1, scale: float = 0.01):
@@ -118,11 +126,15 @@ def centre_table(out_dim: int, seed: int = 2) -> np.ndarray:
 
 # ---- Subprocess runs of `python -m udi_jax.main` on the tiny training config.
 
-def env(devices: int) -> dict:
-  """The environment of a subprocess: `devices` CPU devices, this session's compilation cache."""
+def env(devices: int, session_flags: bool = True) -> dict:
+  """The environment of a subprocess: `devices` CPU devices, this session's compilation cache, and this
+  session's other XLA flags (the same compiled programs as in this process), or none of them
+  (`session_flags=False`: programs as a user's run compiles them)."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if session_flags
+           and not f.startswith('--xla_force_host_platform_device_count')]
   e = dict(os.environ)
-  e.update(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', JAX_PLATFORMS='cpu',
-           JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
+  e.update(XLA_FLAGS=' '.join([f'--xla_force_host_platform_device_count={devices}'] + flags),
+           JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),
            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5', PYTHONPATH=str(REPO))
   return e
 
@@ -167,16 +179,29 @@ def metrics_by_step(workdir) -> dict[int, dict]:
   return merged
 
 
-def frozen_init_config(init_from: str):
-  """The tiny training config for one epoch in which nothing moves (lr 0, EMA momentum 1), started from
-  `init_from`: the trained state shows what was loaded."""
+def init_config(init_from: str):
+  """The tiny training config for one epoch, started from `init_from` (a run or torch:FILE)."""
   from tests import tiny_train_config
   config = tiny_train_config.get_config()
   config.epochs = 1
-  config.optim.lr = 0.0
-  config.udi.momentum_teacher = 1.0
   config.init_from = init_from
   return config
+
+
+def state_handed_to_the_step(config, workdir, monkeypatch):
+  """What the training loop hands its step: `train_and_evaluate` with the step replaced by a donating
+  identity (nothing to compile), so the state it returns is the restored or initialised one. As with the
+  real step, the donation fails if two leaves share a buffer."""
+  from udi_jax.train import loop
+
+  def identity_step(trainer, mesh, parallel='shard_map', donate=True):
+    del trainer, mesh, parallel, donate
+    zero = lambda: jnp.zeros((), jnp.float32)
+    return jax.jit(lambda state, batch: (state, {'loss': zero(), 'lr': zero(), 'teacher_temp': zero()}),
+                   donate_argnums=(0,))
+
+  monkeypatch.setattr(loop, 'make_train_step', identity_step)
+  return jax.device_get(loop.train_and_evaluate(config, workdir).state)
 
 
 def restore(workdir, config, step=None):

@@ -11,7 +11,7 @@ import pytest
 
 from configs import vits16
 from tests import golden
-from tests.helpers import REPO, env, frozen_init_config, rel, restore
+from tests.helpers import REPO, env, init_config, rel, restore, state_handed_to_the_step
 from udi_jax import export
 from udi_jax.data.photometric import preprocess
 from udi_jax.interop import layouts, official, torch_files
@@ -148,15 +148,17 @@ def test_bad_files_give_one_clear_sentence(tiny_run, tmp_path):
     torch_files.load_torch_checkpoint(tmp_path / 'wrong.safetensors', like)
 
 
-def test_init_from_a_pytorch_file(tiny_run, tmp_path):
-  from udi_jax.train.loop import train_and_evaluate
+def test_init_from_a_pytorch_file(tiny_run, tmp_path, monkeypatch):
+  """An official UDI checkpoint written by the export: its teacher becomes student and teacher (separate
+  buffers), its centres the centres; step 0."""
   config, workdir = tiny_run
   source, _ = restore(workdir, config)
   export.export(workdir, 'udi', tmp_path / 'udi.pth')
-  result = train_and_evaluate(frozen_init_config(f'torch:{tmp_path / "udi.pth"}'), str(tmp_path / 'run'))
-  state = jax.device_get(result.state)
+  state = state_handed_to_the_step(init_config(f'torch:{tmp_path / "udi.pth"}'), tmp_path / 'run', monkeypatch)
+  assert int(state.step) == 0
   jax.tree.map(np.testing.assert_array_equal, state.teacher, source.teacher)
   jax.tree.map(np.testing.assert_array_equal, state.student, source.teacher)   # one network, both roles
+  jax.tree.map(np.testing.assert_array_equal, state.centres, source.centres)
 
 
 def test_export_command_line(tiny_run, tmp_path):

@@ -16,6 +16,10 @@ PAIRS = {0: (0, 1), 1: (1, 0), 2: (2, 1), 3: (3, 1), 4: (2, 0), 5: (3, 0)}
 TGT_MAP = {0: 0, 1: 1, 2: 2, 3: 4, 4: 3, 5: 5}
 
 
+# As the training step runs them: compiled (grid sizes static).
+compiled_correspondence = jax.jit(correspondence, static_argnums=(3, 4))
+
+
 @pytest.fixture(scope='module')
 def patterns():
   return golden.load('udi_golden_small'), golden.load('udi_golden_small_patterns')
@@ -37,8 +41,8 @@ def test_correspondence_reproduces_official_validity_and_maps(patterns):
     src_grid = 14 if src < 2 else 6
     for b in range(2):
       cells = p[f'idx/{k}'][b]
-      valid, idx, w = correspondence(jnp.asarray(g[f'coords/{src}'][b]), jnp.asarray(g[f'coords/{tgt}'][b]),
-                                     jnp.asarray(cells), src_grid, 14)
+      valid, idx, w = compiled_correspondence(jnp.asarray(g[f'coords/{src}'][b]),
+                                              jnp.asarray(g[f'coords/{tgt}'][b]), jnp.asarray(cells), src_grid, 14)
       valid, idx, w = np.asarray(valid), np.asarray(idx), np.asarray(w)
       np.testing.assert_array_equal(valid, p[f'valid/{k}'][b], err_msg=f'pattern {k} image {b}')
       n = int(valid.sum())
@@ -57,7 +61,8 @@ def test_batch_correspondence_reproduces_official_maps(patterns):
   g, p = patterns
   boxes = np.stack([g[f'coords/{k}'] for k in range(4)], 1)
   np.testing.assert_array_equal(p['idx/0'], p['idx/1'])             # one global pattern per image
-  samples = correspond_batch(jnp.asarray(boxes), jnp.asarray(p['idx/0']), jnp.asarray(p['idx/2']), 14, 6)
+  samples = jax.jit(correspond_batch, static_argnums=(3, 4))(jnp.asarray(boxes), jnp.asarray(p['idx/0']),
+                                                            jnp.asarray(p['idx/2']), 14, 6)
   student_valid = np.asarray(samples.student_mask) > 0
   for name, ours in official_maps(samples, batch=2, num_local=2, global_grid=14, local_grid=6).items():
     k = int(name.split('/')[1])
@@ -122,7 +127,7 @@ def test_masks_are_shared_within_an_image():
   boxes[:, 1] = [0.2, 0.15, 0.95, 0.85]
   boxes[:, 2:] = [0.3, 0.3, 0.6, 0.6]       # identical local boxes ...
   keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), batch)
-  s = sampling.draw_samples(jnp.asarray(boxes), keys, settings)
+  s = jax.jit(lambda b, k: sampling.draw_samples(b, k, settings))(jnp.asarray(boxes), keys)
   np.testing.assert_array_equal(s.student_idx[:batch], s.student_idx[batch:])
   local = np.asarray(s.teacher_w[:, 16:]).reshape(2 * batch, n_local, 9, 4)
   local_idx = np.asarray(s.teacher_idx[:, 16:]).reshape(2 * batch, n_local, 9, 4)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tests import tiny_train_config
-from tests.helpers import (checkpoint_steps, compare_student, finish, frozen_init_config, metrics_by_step,
-                           restore, start, wait_for_checkpoint)
+from tests.helpers import (checkpoint_steps, compare_student, finish, init_config, metrics_by_step, restore,
+                           start, state_handed_to_the_step, wait_for_checkpoint)
 from udi_jax.train import loop
 from udi_jax.train.loop import train_and_evaluate
 
@@ -116,14 +116,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.student))
 
 
-def test_init_from_another_run_takes_its_weights_not_its_step(tiny_run, tmp_path):
+def test_init_from_another_run_takes_its_weights_not_its_step(tiny_run, tmp_path, monkeypatch):
+  """Student, teacher and centres of the other run's newest checkpoint; step 0 and a fresh optimiser."""
   config, workdir = tiny_run
   source, _ = restore(workdir, config)
-  result = train_and_evaluate(frozen_init_config(str(workdir)), str(tmp_path))
-  state = jax.device_get(result.state)
-  assert int(state.step) == 4
-  jax.tree.map(np.testing.assert_array_equal, state.student, source.student)
-  jax.tree.map(np.testing.assert_array_equal, state.teacher, source.teacher)
+  state = state_handed_to_the_step(init_config(str(workdir)), tmp_path, monkeypatch)
+  assert int(state.step) == 0
+  assert not any(np.any(x) for x in jax.tree.leaves(state.opt))      # Adam moments and counts at zero
+  for part in ('student', 'teacher', 'centres'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(state, part), getattr(source, part))
 
 
 def free_port() -> int:
@@ -132,21 +133,27 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_over_localhost_equal_one_process(tiny_run, tmp_path):
-  """2 processes x 4 devices (gloo collectives) vs the shared run (1 process x 8 devices), every step."""
-  config, reference = tiny_run
+def test_two_processes_over_localhost_equal_one_process(tmp_path):
+  """2 processes x 4 devices (gloo collectives) vs 1 process x 8 devices (this one), every step. Multi-host
+  concerns the input split, the collectives and the checkpoints, not the network: a one-block ViT without
+  photometric augmentation compiles in half the time."""
+  overrides = {'model.depth': 1, 'data.augment': False, 'checkpoint_every_steps': 0}
   port = free_port()
-  processes = [start(tmp_path, '--config.checkpoint_every_steps=0', f'--coordinator_address=localhost:{port}',
-                     '--num_processes=2', f'--process_id={i}', devices=4) for i in range(2)]
+  processes = [start(tmp_path / 'multi', *[f'--config.{k}={v}' for k, v in overrides.items()],
+                     f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}',
+                     devices=4) for i in range(2)]
+  config = tiny_train_config.get_config()
+  config.model.depth, config.data.augment, config.checkpoint_every_steps = overrides.values()
+  train_and_evaluate(config, str(tmp_path / 'single'))
   for code, out, err in [finish(p) for p in processes]:
     assert code == 0, err[-3000:]
-  ours, ref = metrics_by_step(tmp_path), metrics_by_step(reference)
-  assert sorted(ours) == list(range(1, TOTAL_STEPS + 1))
+  ours, ref = metrics_by_step(tmp_path / 'multi'), metrics_by_step(tmp_path / 'single')
+  assert sorted(ours) == sorted(ref) == list(range(1, TOTAL_STEPS + 1))
   for step in ours:
     for key in ('loss', 'loss/patch', 'grad_norm'):
       assert ours[step][key] == pytest.approx(ref[step][key], rel=1e-5), (step, key)
-  got, _ = restore(tmp_path, config)
-  want, _ = restore(reference, config)
+  got, _ = restore(tmp_path / 'multi', config)
+  want, _ = restore(tmp_path / 'single', config)
   worst, _ = compare_student(got.student, want.student, [])
   print(f'2 processes vs 1 process: worst student tensor error {worst:.1e}')
   assert worst <= 1e-5

@@ -156,11 +156,13 @@ def apply_params(image: jax.Array, p: dict[str, jax.Array], s: PhotometricSettin
   """uint8 (H, W, 3) and the crop's choices -> float32 in [0, 1]."""
   x = image.astype(jnp.float32) / 255.0
   ops = (brightness, contrast, saturation, hue)
-  jittered = x
-  for slot in range(4):
+
+  def jitter_slot(slot, current):       # the op that `order` puts in this slot (a loop: compiled once)
     which = p['order'][slot]
-    candidates = [op(jittered, p['factors'][k]) for k, op in enumerate(ops)]
-    jittered = jnp.select([which == k for k in range(4)], candidates)
+    candidates = [op(current, p['factors'][k]) for k, op in enumerate(ops)]
+    return jnp.select([which == k for k in range(4)], candidates)
+
+  jittered = jax.lax.fori_loop(0, len(ops), jitter_slot, x)
   x = jnp.where(p['jitter'], jittered, x)
   x = jnp.where(p['grayscale'], grayscale(x), x)
   x = jnp.where(p['blur'], gaussian_blur(x, p['radius']), x)

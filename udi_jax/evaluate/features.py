@@ -15,6 +15,7 @@ Batches are sharded over the `data` axis of the mesh and the features gathered o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterable
 
 import grain
@@ -101,6 +102,12 @@ def _features(nets, backbone_params, images: jax.Array, kinds: tuple[str, ...]) 
   return feats
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_features(nets, kinds: tuple[str, ...], mesh):
+  """One compiled feature extractor per network, feature kinds and mesh: k-NN during training reuses it."""
+  return jax.jit(lambda p, x: _features(nets, p, x, kinds), out_shardings=batch_sharding(mesh))
+
+
 def extract(nets, backbone_params, source: Source, crop: int, kinds: tuple[str, ...], batch_size: int,
             desc: str = 'features') -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Features {kind: (N, D)} and labels (N,) of every readable image of `source` (unreadable ones are
@@ -114,7 +121,7 @@ def extract(nets, backbone_params, source: Source, crop: int, kinds: tuple[str, 
   devices = mesh.devices.size
   batch_size = -(-batch_size // devices) * devices
   sharding = batch_sharding(mesh)
-  fn = jax.jit(lambda p, x: _features(nets, p, x, kinds), out_shardings=sharding)
+  fn = _compiled_features(nets, tuple(kinds), mesh)
   params = jax.device_put(backbone_params, replicated(mesh))
   processes = jax.process_count()
   gather = ((lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))) if processes > 1
