@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from tests.helpers import centre_table, init_params, max_rel, perturbed_teacher, random_batch, rel, tiny_config
 from udi_jax import rng
 from udi_jax.interop.official import centres_from_official
+from udi_jax.mesh import data_mesh
 from udi_jax.method.objective import ObjectiveSettings, udi_objective
 from udi_jax.method.sampling import SamplingSettings, draw_samples
 from udi_jax.models.networks import build_networks
@@ -75,7 +76,7 @@ def assert_same(result, single):
 def test_shard_map_with_vma_equals_one_device(setup):
   """Default mapping: under check_vma the gradient w.r.t. replicated params is summed by JAX."""
   per_device, inputs, single = setup
-  mesh = Mesh(np.array(jax.devices()), ('data',))
+  mesh = data_mesh()
   mapped = jax.jit(jax.shard_map(functools.partial(per_device, axis_name='data'), mesh=mesh,
                                  in_specs=(P(), P(), P('data'), P('data'), P('data'), P('data')),
                                  out_specs=(P(), P(None, 'data'), P())))

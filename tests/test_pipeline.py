@@ -1,14 +1,13 @@
 """The host pipeline's contracts (DESIGN 1–4): global batches, per-example randomness, resumable state."""
 
-import jax
 import numpy as np
 import pytest
 from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from udi_jax.data import sources
 from udi_jax.data.crops import CropSettings
 from udi_jax.data.pipeline import InputPipeline, PipelineSettings
+from udi_jax.mesh import batch_sharding, data_mesh
 
 flags.FLAGS.mark_as_parsed()
 CROPS = CropSettings(global_size=16, local_size=8, num_local=3)
@@ -88,8 +87,7 @@ def test_worker_processes_give_the_same_batches(digits):
 
 
 def test_batches_become_global_arrays_sharded_on_data(digits):
-  mesh = Mesh(np.array(jax.devices()), ('data',))
-  sharding = NamedSharding(mesh, P('data'))
+  sharding = batch_sharding(data_mesh())
   batch = run(digits, 1, sharding=sharding)[0]
   host = run(digits, 1)[0]
   assert batch['global'].shape == (16, 2, 16, 16, 3) and batch['global'].sharding == sharding
