@@ -165,49 +165,60 @@ def teacher_targets(nets: Networks, settings: ObjectiveSettings, teacher: Params
   """§4.1–4.3: T_j = σ((ℓ_j − c_j)/τ_t) for t_cls (T0), the read-outs R (T2) and the blend ℓ⁺ (T1).
 
   The backbone runs once on both global views; the read-out takes every point of a view in one call:
-  the other view's samples first (Sg), then each local crop's (Sl each).
+  the other view's samples first (Sg), then each local crop's (Sl each). The head embeds the class
+  token and the read-outs together, then projects everything that needs logits together.
   """
   sharpen = lambda logits, level: jax.nn.softmax((logits - centres[level]) / temperature, axis=-1)
   out = nets.backbone.apply({'params': teacher['backbone']}, global_rows)
-  cls_logits = nets.project(teacher, CLS, nets.embed(teacher, CLS, out.cls[:, 0]))        # (2B, K)
   if PATCH not in nets.levels:
+    cls_logits = nets.apply_heads(teacher, {CLS: (CLS, out.cls[:, 0])})[CLS]                # (2B, K)
     return TeacherTargets(cls_logits=cls_logits, probs={CLS: sharpen(cls_logits, CLS)})
   n_global = samples.student_idx.shape[1]
   read = nets.readout.apply({'params': teacher['readout']}, out.patch, samples.teacher_idx, samples.teacher_w)
-  u = nets.embed(teacher, PATCH, read)                                                     # (2B, St, Db)
-  mask = samples.teacher_mask
-  probs = {CLS: sharpen(cls_logits, CLS), PATCH: sharpen(nets.project(teacher, PATCH, u[:, :n_global]), PATCH)}
-  local = patch_local = None
+  embedded = nets.embed_heads(teacher, {CLS: (CLS, out.cls[:, 0]), PATCH: (PATCH, read)})
+  u, mask = embedded[PATCH], samples.teacher_mask                                     # (2B, St, Db), (2B, St)
+  groups = {'global': (u[:, :n_global], mask[:, :n_global])}
   if rows.n_local:
-    local = (u[:, n_global:].reshape(2 * rows.batch, rows.n_local, -1, u.shape[-1]),       # (2B, n_l, Sl, Db)
-             mask[:, n_global:].reshape(2 * rows.batch, rows.n_local, -1))
-    if settings.target_mixing == 'prob' or settings.local_patch_loss:
-      patch_local = sharpen(nets.project(teacher, PATCH, local[0]), PATCH)               # (2B, n_l, Sl, K)
+    groups['local'] = (u[:, n_global:].reshape(2 * rows.batch, rows.n_local, -1, u.shape[-1]),
+                       mask[:, n_global:].reshape(2 * rows.batch, rows.n_local, -1))   # (2B, n_l, Sl, ·)
+  to_project = {CLS: (CLS, embedded[CLS]), PATCH: (PATCH, groups['global'][0])}
+  if rows.n_local and (settings.target_mixing == 'prob' or settings.local_patch_loss):
+    to_project['patch_local'] = (PATCH, groups['local'][0])
+  blend = CLS_PLUS in nets.levels
+  if blend and settings.target_mixing == 'logit':      # W 𝓜(u, m^t) = 𝓜(W u, m^t): W is linear
+    to_project.update({f'mean_{g}': (PATCH, masked_mean(*groups[g])) for g in groups})
+  logits = nets.project_heads(teacher, to_project)
+  cls_logits = logits[CLS]                                                                  # (2B, K)
+  probs = {CLS: sharpen(cls_logits, CLS), PATCH: sharpen(logits[PATCH], PATCH)}
+  patch_local = sharpen(logits['patch_local'], PATCH) if 'patch_local' in logits else None  # (2B, n_l, Sl, K)
   targets = TeacherTargets(cls_logits=cls_logits, probs=probs, point_u=u, point_mask=mask,
                            patch_local=patch_local)
-  if CLS_PLUS not in nets.levels:
+  if not blend:
     return targets
-  blend = lambda *group: multimodal_target(nets, settings, teacher, sharpen, *group)
-  probs[CLS_PLUS], plus_global = blend(u[:, :n_global], mask[:, :n_global], probs[PATCH], cls_logits)
-  plus_local = plus_local_logits = None
-  if rows.n_local:
-    plus_local, plus_local_logits = blend(*local, patch_local, cls_logits[:, None])
-  plus_logits = (plus_global, plus_local_logits) if settings.target_mixing == 'logit' else ()
+  plus = {}
+  for g, (_, group_mask) in groups.items():
+    cls = cls_logits if g == 'global' else cls_logits[:, None]
+    plus[g] = multimodal_target(settings, sharpen, cls, logits.get(f'mean_{g}'),
+                                probs[PATCH] if g == 'global' else patch_local, group_mask)
+  probs[CLS_PLUS] = plus['global'][0]
+  plus_local = plus['local'][0] if rows.n_local else None
+  plus_logits = ((plus['global'][1], plus['local'][1] if rows.n_local else None)
+                 if settings.target_mixing == 'logit' else ())
   return dataclasses.replace(targets, probs=probs, plus_local=plus_local, plus_logits=plus_logits)
 
 
-def multimodal_target(nets: Networks, settings: ObjectiveSettings, teacher: Params, sharpen: Callable,
-                      u: jax.Array, mask: jax.Array, patch_probs: Optional[jax.Array],
-                      cls_logits: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
-  """T1 of one group of rows, and its logits ℓ⁺ (None for the mixture). u (..., S, Db), mask (..., S).
+def multimodal_target(settings: ObjectiveSettings, sharpen: Callable, cls_logits: jax.Array,
+                      mean_logits: Optional[jax.Array], patch_probs: Optional[jax.Array],
+                      mask: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
+  """T1 of one group of rows, and its logits ℓ⁺ (None for the mixture); mask m^t (..., S).
 
   'logit' (§4.3, official): T1 = σ((ℓ⁺ − c₁)/τ_t), ℓ⁺ = α W 𝓜(u, m^t) + (1 − α) t_cls, a product of
-  experts; W is the head's linear last layer, so W 𝓜(u) = 𝓜(W u). 'prob' (§9): the mixture
-  α mean_i T2_i + (1 − α) T0; with no valid sample the patch weight goes to T0, so it sums to 1.
+  experts (`mean_logits` = W 𝓜(u, m^t)). 'prob' (§9): the mixture α mean_i T2_i + (1 − α) T0 of the
+  `patch_probs` (..., S, K); with no valid sample the patch weight goes to T0, so it sums to 1.
   """
   alpha = settings.alpha
   if settings.target_mixing == 'logit':
-    logits = alpha * nets.project(teacher, PATCH, masked_mean(u, mask)) + (1.0 - alpha) * cls_logits
+    logits = alpha * mean_logits + (1.0 - alpha) * cls_logits
     return sharpen(logits, CLS_PLUS), logits
   weight = mask.sum(-1, keepdims=True)
   mean = jnp.einsum('...sk,...s->...k', patch_probs, mask, precision=HIGHEST) / jnp.maximum(weight, 1e-12)
@@ -236,27 +247,26 @@ def student_outputs(nets: Networks, settings: ObjectiveSettings, student: Params
         drop_path_keys)                                                                     # (B, crops)
     return view_major(keys)
 
-  def log_probs(level, x):
-    logits = nets.project(student, level, nets.embed(student, level, x))
-    return jax.nn.log_softmax(logits / settings.student_temp, axis=-1)
-
   def read_out(patch_tokens, idx):                       # one token per sample: weight 1
     return nets.readout.apply({'params': student['readout']}, patch_tokens, idx[..., None],
                               jnp.ones(idx.shape + (1,)))
 
   token_levels = [(t, level) for t, level in enumerate(TOKEN_LEVELS) if level in nets.levels]
   on_global = nets.backbone.apply({'params': student['backbone']}, global_rows, drop_path_keys=row_keys([0, 1]))
-  outputs = {level: log_probs(level, on_global.cls[:, t]) for t, level in token_levels}
+  inputs = {('global', level): (level, on_global.cls[:, t]) for t, level in token_levels}
   if PATCH in nets.levels:
-    outputs[PATCH] = log_probs(PATCH, read_out(on_global.patch, samples.student_idx))
-  on_local_rows = {}
+    inputs[('global', PATCH)] = (PATCH, read_out(on_global.patch, samples.student_idx))
   if rows.n_local:
     on_local = nets.backbone.apply({'params': student['backbone']}, local_rows,
                                    drop_path_keys=row_keys(list(range(2, 2 + rows.n_local))))
-    on_local_rows = {level: log_probs(level, on_local.cls[:, t]) for t, level in token_levels}
+    inputs.update({('local', level): (level, on_local.cls[:, t]) for t, level in token_levels})
     if settings.local_patch_loss:
       local_idx = jnp.tile(samples.local_idx, (rows.n_local, 1))                          # (n_l B, Sl)
-      on_local_rows[PATCH] = log_probs(PATCH, read_out(on_local.patch, local_idx))
+      inputs[('local', PATCH)] = (PATCH, read_out(on_local.patch, local_idx))
+  log_probs = {key: jax.nn.log_softmax(logits / settings.student_temp, axis=-1)
+               for key, logits in nets.apply_heads(student, inputs).items()}
+  outputs = {level: v for (where, level), v in log_probs.items() if where == 'global'}
+  on_local_rows = {level: v for (where, level), v in log_probs.items() if where == 'local'}
   return StudentOutputs(global_rows=outputs, local_rows=on_local_rows)
 
 

@@ -8,10 +8,11 @@ have the same structure. The read-out is absent without the patch branch (`inclu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from udi_jax.models.head import DINOHead
 from udi_jax.models.readout import SRSReadout
@@ -66,6 +67,35 @@ class Networks:
   def embed(self, params: Params, level: str, x: jax.Array) -> jax.Array:
     """Head bottleneck (L2-normalised, float32) of the level's head."""
     return self.head.apply({'params': self.head_params(params, level)}, x, method=DINOHead.embed)
+
+  def _grouped(self, params: Params, inputs: dict, fn: Callable, dtype) -> dict:
+    """fn(params, level, x) of several inputs {key: (level, x (..., C))}. Inputs of levels that share a
+    head go through it in one call, their rows concatenated: fewer, larger matmuls and a smaller program."""
+    groups = {}
+    for key, (level, x) in inputs.items():
+      groups.setdefault('shared' if self.shared_head else level, []).append((key, level, x))
+    out = {}
+    for members in groups.values():
+      flat = [x.reshape(-1, x.shape[-1]).astype(dtype) for _, _, x in members]
+      y = fn(params, members[0][1], jnp.concatenate(flat) if len(flat) > 1 else flat[0])
+      ends = np.cumsum([f.shape[0] for f in flat])
+      starts = np.concatenate([[0], ends[:-1]])
+      for (key, _, x), start, end in zip(members, starts, ends):
+        out[key] = y[start:end].reshape(x.shape[:-1] + y.shape[-1:])
+    return out
+
+  def embed_heads(self, params: Params, inputs: dict) -> dict:
+    """Bottleneck vectors of {key: (level, x (..., D))}, through each level's head (shared: one call)."""
+    return self._grouped(params, inputs, self.embed, self.head.dtype)
+
+  def project_heads(self, params: Params, inputs: dict) -> dict:
+    """Logits of {key: (level, u (..., Db))}, through each level's last layer (shared: one call)."""
+    return self._grouped(params, inputs, self.project, jnp.float32)
+
+  def apply_heads(self, params: Params, inputs: dict) -> dict:
+    """Logits of {key: (level, x (..., D))}: embed, then project, one call per head."""
+    return self._grouped(params, inputs, lambda p, level, x: self.project(p, level, self.embed(p, level, x)),
+                         self.head.dtype)
 
   def project(self, params: Params, level: str, u: jax.Array) -> jax.Array:
     """Logits of the level's head from bottleneck vectors."""
