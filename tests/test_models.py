@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import vits16
-from tests.helpers import draw, init_params, random_batch, tiny_config
+from tests.helpers import draw, init_params, random_batch, tiny_config, worst_rel
 from udi_jax.method.objective import ObjectiveSettings, init_centres, udi_objective
 from udi_jax.models.networks import build_networks
 from udi_jax.models.vit import VisionTransformer, resize_pos_embed, torch_bicubic_matrix, vit
@@ -200,4 +200,8 @@ def test_rematerialised_blocks_give_the_same_loss_and_gradients():
     results.append(jax.jit(jax.value_and_grad(loss))(params))
   (loss0, grads0), (loss1, grads1) = results
   np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads1, grads0)
+  # Per tensor, on its own scale: recomputing the forward pass changes the float32 rounding (a 4e-7
+  # difference in an entry of 0.01 beside entries of 5); a wrong key or a missing block would be O(1).
+  worst = worst_rel(grads1, grads0)
+  print(f'remat vs no remat: worst gradient relative error {worst:.1e}')
+  assert worst <= 1e-5
