@@ -40,7 +40,8 @@ def test_without_patch_branch_it_is_exactly_the_dino_loss():
   @jax.jit
   def dino_loss(student, teacher):
     teacher_probs = [jax.nn.softmax((apply(teacher, crops_global[:, v]) - table[0]) / 0.05) for v in range(2)]
-    student_crops = [crops_global[:, 0], crops_global[:, 1]] + [crops_local[:, k] for k in range(crops_local.shape[1])]
+    student_crops = ([crops_global[:, 0], crops_global[:, 1]]
+                     + [crops_local[:, k] for k in range(crops_local.shape[1])])
     total, terms = 0.0, 0
     for iq, q in enumerate(teacher_probs):
       for v, crop in enumerate(student_crops):

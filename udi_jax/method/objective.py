@@ -346,7 +346,8 @@ def health_metrics(nets: Networks, teacher: TeacherTargets, components: dict[str
                    samples: Optional[Samples], rows: Rows) -> dict[str, jax.Array]:
   """Global means: the teacher's entropy per level (ln K at a collapse to uniform), KL(teacher ||
   student) on the global rows (cross-entropy − entropy), and the fractions of valid samples."""
-  metrics = {f'teacher_entropy/{level}': rows.total(entropy(teacher.probs[level]).sum()) / rows.total(2 * rows.batch)
+  two_b = rows.total(2 * rows.batch)
+  metrics = {f'teacher_entropy/{level}': rows.total(entropy(teacher.probs[level]).sum()) / two_b
              for level in TOKEN_LEVELS if level in nets.levels}
   if PATCH in nets.levels:
     mask = samples.student_mask
