@@ -28,6 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.arch = 'vit_small'          # vit_tiny | vit_small | vit_base | vit_large
+  # None: the architecture's own width, depth and heads; set them for smaller models (configs/demo.py).
+  config.model.embed_dim = ml_collections.config_dict.placeholder(int)
+  config.model.depth = ml_collections.config_dict.placeholder(int)
+  config.model.num_heads = ml_collections.config_dict.placeholder(int)
   config.model.patch_size = 16
   config.model.num_cls_tokens = 2          # 2: UDI (z_cls and z_cls+); 1: DINO + patch loss
   config.model.drop_path_rate = 0.1        # student only; the teacher has none

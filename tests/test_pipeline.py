@@ -1,12 +1,13 @@
 """The host pipeline's contracts (DESIGN 1–4): global batches, per-example randomness, resumable state."""
 
+import ml_collections
 import numpy as np
 import pytest
 from absl import flags
 
 from udi_jax.data import sources
 from udi_jax.data.crops import CropSettings
-from udi_jax.data.pipeline import InputPipeline, PipelineSettings
+from udi_jax.data.pipeline import InputPipeline, PipelineSettings, batch_shapes
 from udi_jax.mesh import batch_sharding, data_mesh
 
 flags.FLAGS.mark_as_parsed()
@@ -101,6 +102,8 @@ def test_batch_schema(digits):
             'boxes': ((16, 5, 4), np.float32), 'index': ((16,), np.int32), 'label': ((16,), np.int32),
             'skipped': ((16,), np.int32)}
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expect
+  config = ml_collections.ConfigDict({'data': {'global_size': 16, 'local_size': 8, 'num_local': 3}})
+  assert batch_shapes(config, 16) == expect        # the schema as the abstract (lowering) inputs use it
 
 
 def test_too_small_dataset_or_uneven_batch_is_refused(digits):

@@ -1,8 +1,13 @@
-"""Launchers (dry runs), the Colab notebook end to end on the CPU, and the throughput benchmark."""
+"""Launchers (dry runs), the Colab notebook end to end on the CPU, the throughput benchmark and FLOP count,
+and the step and feature extractor lowered for GPUs and TPUs."""
 
+import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from tests.helpers import REPO, env
@@ -90,30 +95,84 @@ def test_benchmark_prints_every_figure_on_the_cpu():
     assert figure in line[0], (figure, line[0])
 
 
-def test_analytic_flops_of_the_released_recipe_agree_with_xla():
+@pytest.fixture(scope='module')
+def vit_s16():
+  """The released recipe (ViT-S/16, bf16, 2x224 + 10x96) as config and trainer: shapes only, nothing
+  allocated."""
+  from configs import vits16
+  from udi_jax.train.step import Trainer
+  config = vits16.get_config()
+  return config, Trainer.from_config(config, steps_per_epoch=1000)
+
+
+def abstract_step_inputs(config, trainer, devices: int, rows_per_device: int = 2):
+  """(mesh, state, batch) of the training step as ShapeDtypeStructs sharded over `devices` CPU devices."""
+  from udi_jax.data.pipeline import batch_shapes
+  from udi_jax.mesh import batch_sharding, data_mesh
+  from udi_jax.train.state import abstract_state
+  mesh = data_mesh(jax.devices()[:devices])
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh))
+           for k, (shape, dtype) in batch_shapes(config, devices * rows_per_device).items()}
+  return mesh, abstract_state(trainer.nets, trainer.tx, mesh), batch
+
+
+def test_analytic_flops_of_the_released_recipe_agree_with_xla(vit_s16):
   """The analytic count (matmuls and attention, DESIGN contract 11) of ViT-S/16 with 2x224 + 10x96 is the
   documented 137.1 GFLOP per image and step, and lies within 5 % below XLA's count of the real step
   (lowered from abstract shapes, nothing allocated), which adds the element-wise work. Forgetting the
   backward pass or the teacher would fall far outside."""
-  import jax
-  import numpy as np
-  from configs import vits16
   from udi_jax.benchmark import udi_flops_per_image, xla_flops
-  from udi_jax.mesh import batch_sharding, data_mesh
-  from udi_jax.train.state import abstract_state
-  from udi_jax.train.step import Trainer, make_train_step
-  config = vits16.get_config()
+  from udi_jax.train.step import make_train_step
+  config, trainer = vit_s16
   analytic = udi_flops_per_image(config)
-  batch, mesh = 2, data_mesh(jax.devices()[:1])
-  trainer = Trainer.from_config(config, steps_per_epoch=1000)
-  g, l, n = config.data.global_size, config.data.local_size, config.data.num_local
-  shapes = {'global': ((batch, 2, g, g, 3), np.uint8), 'local': ((batch, n, l, l, 3), np.uint8),
-            'boxes': ((batch, 2 + n, 4), np.float32), 'index': ((batch,), np.int32),
-            'label': ((batch,), np.int32), 'skipped': ((batch,), np.int32)}
-  abstract_batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh))
-                    for k, (shape, dtype) in shapes.items()}
-  lowered = make_train_step(trainer, mesh).lower(abstract_state(trainer.nets, trainer.tx, mesh), abstract_batch)
-  xla = xla_flops(lowered) / batch
+  mesh, state, batch = abstract_step_inputs(config, trainer, devices=1)
+  xla = xla_flops(make_train_step(trainer, mesh).lower(state, batch)) / 2
   print(f'ViT-S/16, 2x224 + 10x96, GFLOP per image and step: analytic {analytic / 1e9:.1f}, XLA {xla / 1e9:.1f}')
   assert round(analytic / 1e9, 1) == 137.1
   assert 0.95 * xla <= analytic <= xla
+
+
+# ---- Lowering for GPUs and TPUs from this CPU (jax.export, abstract shapes: nothing is compiled).
+
+ACCELERATORS = ('cuda', 'tpu')
+
+
+def portability_problems(fn, *args) -> list[str]:
+  """What stops `fn` from running on a GPU or TPU, found by lowering it for both: an op without a lowering
+  there or a host callback (the export fails), float64 values, or custom calls (CPU-only library calls,
+  kernels that need a review of where they run)."""
+  try:
+    text = jax.export.export(fn, platforms=ACCELERATORS)(*args).mlir_module()
+  except Exception as e:  # noqa: BLE001 (the reason is the finding)
+    return [f'{type(e).__name__}: {e}']
+  problems = ['float64 values'] if re.search(r'\bf64\b|xf64\b', text) else []
+  calls = sorted(set(re.findall(r'custom_call @([\w.]+)', text)))
+  return problems + ([f'custom calls {calls}'] if calls else [])
+
+
+def test_training_step_lowers_for_gpu_and_tpu(vit_s16):
+  """The whole shard_map step as launched (state donated, bf16, ViT-S/16, 2x224 + 10x96) on 2 devices."""
+  from udi_jax.train.step import make_train_step
+  config, trainer = vit_s16
+  mesh, state, batch = abstract_step_inputs(config, trainer, devices=2)
+  assert portability_problems(make_train_step(trainer, mesh, donate=True), state, batch) == []
+
+
+def test_feature_extractor_lowers_for_gpu_and_tpu(vit_s16):
+  """The evaluation features, every kind (tokens, concat, avgpool, last blocks), at 224 px on 2 devices."""
+  from udi_jax.evaluate.features import KINDS, compiled_features
+  from udi_jax.mesh import batch_sharding
+  config, trainer = vit_s16
+  mesh, state, _ = abstract_step_inputs(config, trainer, devices=2)
+  images = jax.ShapeDtypeStruct((4, 224, 224, 3), np.uint8, sharding=batch_sharding(mesh))
+  assert portability_problems(compiled_features(trainer.nets, KINDS, mesh), state.teacher['backbone'],
+                              images) == []
+
+
+def test_the_portability_check_can_fail():
+  x = jax.ShapeDtypeStruct((4,), jnp.float32)
+  on_host = lambda v: jax.pure_callback(lambda a: np.asarray(a) * 2, x, v)
+  assert 'callback' in ' '.join(portability_problems(jax.jit(on_host), x))
+  with jax.enable_x64(True):
+    assert portability_problems(jax.jit(lambda v: v.astype(jnp.float64).sum()), x) == ['float64 values']
+  assert portability_problems(jax.jit(lambda v: v * 2), x) == []

@@ -85,12 +85,27 @@ def test_resume_after_sigkill_is_exact(tiny_run, interrupted_run):
     ('--config.udi.global_window=9', 'config.udi.global_window=9 does not fit the 4x4 token grid'),
     ('--config.data.source=pictures:/x', "config.data.source='pictures:/x' is not known"),
     ('--config.model.dtype=float16', "config.model.dtype='float16' is not supported"),
+    ('--config.model.depthx=4', 'config.model.depthx is not a field of tests/tiny_train_config.py'),
 ])
 def test_bad_config_fails_fast_with_one_sentence(tmp_path, override, message):
   code, out, err = finish(start(tmp_path / 'run', override), timeout=120)
   assert code == 2
   assert message in err and err.strip().splitlines()[-1].startswith('Config error: ')
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_every_config_has_every_field():
+  """An override that works on one config works on all: every config file defines the same fields (the
+  architecture's sizes as None where the architecture decides)."""
+  from configs import demo, vitb16, vits16
+  def fields(config, prefix=''):
+    return {name for key, value in config.items()
+            for name in (fields(value, f'{prefix}{key}.') if hasattr(value, 'items') else {prefix + key})}
+  reference = fields(vits16.get_config())
+  assert 'model.depth' in reference
+  for config in (vits16.get_config('official'), vitb16.get_config(), demo.get_config(), demo.get_config('digits'),
+                 tiny_train_config.get_config()):
+    assert fields(config) == reference
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

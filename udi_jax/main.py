@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import sys
 from typing import Optional
 
@@ -37,6 +38,21 @@ flags.DEFINE_integer('process_id', None, 'This process (multi-host without TPU/S
 def default_workdir(config_path: str) -> str:
   path, _, arg = config_path.partition(':')
   return str(pathlib.Path('runs') / (pathlib.Path(path).stem + (f'_{arg}' if arg else '')))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; an override of a field the config does not have is refused in one sentence
+  (exit 2) instead of ml_collections' traceback."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    names = re.findall(r"'(\w+)'", str(e))
+    overrides = [a[2:].split('=')[0] for a in argv if a.startswith('--config.')]
+    named = [o for o in overrides if names and names[0] in o.split('.')] or overrides
+    config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), 'the config file')
+    print(f'Config error: {named[0] if named else "an override"} is not a field of {config_file}; '
+          'an override can only set a field the config file defines.', file=sys.stderr)
+    sys.exit(2)
 
 
 def initialize_distributed():
@@ -114,4 +130,4 @@ def evaluate_checkpoint(config, workdir: pathlib.Path) -> dict:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -42,6 +42,15 @@ class PipelineSettings:
   num_threads: int = 4     # batches built concurrently per process
 
 
+def batch_shapes(config, batch: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """The batch schema (contract 3) of `batch` rows under `config`: {name: (shape, dtype)}, e.g. to lower
+  the step from abstract shapes."""
+  g, l, n = config.data.global_size, config.data.local_size, config.data.num_local
+  return {'global': ((batch, 2, g, g, 3), np.uint8), 'local': ((batch, n, l, l, 3), np.uint8),
+          'boxes': ((batch, 2 + n, 4), np.float32), 'index': ((batch,), np.int32),
+          'label': ((batch,), np.int32), 'skipped': ((batch,), np.int32)}
+
+
 @functools.lru_cache(maxsize=4)
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)

@@ -103,7 +103,7 @@ def _features(nets, backbone_params, images: jax.Array, kinds: tuple[str, ...]) 
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_features(nets, kinds: tuple[str, ...], mesh):
+def compiled_features(nets, kinds: tuple[str, ...], mesh):
   """One compiled feature extractor per network, feature kinds and mesh: k-NN during training reuses it."""
   return jax.jit(lambda p, x: _features(nets, p, x, kinds), out_shardings=batch_sharding(mesh))
 
@@ -121,7 +121,7 @@ def extract(nets, backbone_params, source: Source, crop: int, kinds: tuple[str, 
   devices = mesh.devices.size
   batch_size = -(-batch_size // devices) * devices
   sharding = batch_sharding(mesh)
-  fn = _compiled_features(nets, tuple(kinds), mesh)
+  fn = compiled_features(nets, tuple(kinds), mesh)
   params = jax.device_put(backbone_params, replicated(mesh))
   processes = jax.process_count()
   gather = ((lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))) if processes > 1

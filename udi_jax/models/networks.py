@@ -119,7 +119,7 @@ def build_networks(config) -> Networks:
       raise ValueError(f'config.data.{name}={size} is not a multiple of config.model.patch_size='
                        f'{model.patch_size}; choose a multiple of it.')
   dtype = _DTYPES[model.dtype]
-  sizes = {k: model[k] for k in ('embed_dim', 'depth', 'num_heads') if k in model}
+  sizes = {k: model.get(k) for k in ('embed_dim', 'depth', 'num_heads') if model.get(k) is not None}
   backbone = vit(model.arch, patch_size=model.patch_size, num_cls_tokens=model.num_cls_tokens,
                  img_size=config.data.global_size, drop_path_rate=model.drop_path_rate, dtype=dtype,
                  remat=model.remat,
