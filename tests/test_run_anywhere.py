@@ -1,6 +1,7 @@
 """Launchers (dry runs), the Colab notebook end to end on the CPU, the throughput benchmark and FLOP count,
 and the step and feature extractor lowered for GPUs and TPUs."""
 
+import os
 import re
 import subprocess
 import sys
@@ -43,21 +44,39 @@ def test_tpu_pod_dry_run_prints_every_command():
   assert missing.returncode == 2 and 'gs://' in missing.stderr
 
 
+GPU_FLAGS = '--xla_gpu_enable_latency_hiding_scheduler=true'
+
+
 def test_gpu_and_slurm_dry_runs():
+  user_env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}      # not this session's flags
   gpu = bash('launch/gpu.sh', '--dry-run', '--install', '--config=configs/demo.py', '--workdir=runs/d', '--',
-             '--config.batch_size=128')
+             '--config.batch_size=128', env=user_env)
   assert gpu.returncode == 0, gpu.stderr
   assert gpu.stdout.splitlines() == [
       'python3 -m pip install -r requirements.txt ',
       'python3 -m pip install -U jax\\[cuda12\\]==0.10.2 ',
       'python3 -m pip install -e . ',
-      'env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 python3 -m udi_jax.main --config=configs/demo.py '
-      '--workdir=runs/d --config.batch_size=128 ']
-  slurm = bash('launch/slurm.sbatch', '--dry-run', '--workdir=/shared/runs/s16')
+      f'env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 XLA_FLAGS={GPU_FLAGS} python3 -m udi_jax.main '
+      '--config=configs/demo.py --workdir=runs/d --config.batch_size=128 ']
+  slurm = bash('launch/slurm.sbatch', '--dry-run', '--workdir=/shared/runs/s16',
+               env={**user_env, 'XLA_FLAGS': '--xla_dump_to=/tmp/hlo'})
   assert slurm.returncode == 0, slurm.stderr
-  assert slurm.stdout.strip() == ('srun --ntasks-per-node=1 env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 python3 -m '
+  assert slurm.stdout.strip() == ('srun --ntasks-per-node=1 env XLA_PYTHON_CLIENT_MEM_FRACTION=.95 '
+                                  f'XLA_FLAGS=--xla_dump_to=/tmp/hlo\\ {GPU_FLAGS} python3 -m '
                                   'udi_jax.main --config=configs/vits16.py --workdir=/shared/runs/s16 --distributed')
   assert bash('launch/slurm.sbatch', '--dry-run').returncode == 2
+
+
+def test_the_launchers_gpu_flags_exist_in_this_jaxlib():
+  """XLA parses every XLA_FLAGS entry at start on any backend and dies on an unknown one: a flag renamed
+  in a jaxlib release would stop every GPU run at start, so check them here, on the CPU."""
+  def starts(flags):
+    return subprocess.run([sys.executable, '-c', 'import jax; jax.numpy.zeros(1).block_until_ready()'],
+                          env={**os.environ, 'XLA_FLAGS': flags, 'JAX_PLATFORMS': 'cpu'},
+                          capture_output=True, text=True, timeout=120)
+  assert starts(GPU_FLAGS).returncode == 0
+  unknown = starts('--xla_gpu_no_such_flag=true')
+  assert unknown.returncode != 0 and 'Unknown flag' in unknown.stderr
 
 
 @pytest.mark.slow
