@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Our loss components -> the golden file's names.
+COMPONENTS = {'g_cls': 'g_cl', 'g_cls_plus': 'g_mcl', 'g_patch': 'g_pch', 'l_cls': 'l_cl',
+              'l_cls_plus': 'l_mcl'}
 
 
 def golden_dir() -> pathlib.Path:
@@ -76,3 +79,37 @@ def golden_crops(g: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   nhwc = lambda k: g[f'crops/{k}'].transpose(0, 2, 3, 1)
   num_crops = len([k for k in g if k.startswith('crops/')])
   return (np.stack([nhwc(0), nhwc(1)], 1), np.stack([nhwc(k) for k in range(2, num_crops)], 1))
+
+
+def one_step_case() -> dict:
+  """The golden step as our inputs: config, networks, student and teacher (from the official state
+  dicts), crops, the official sampling as `Samples`, the initial centres and the teacher temperature,
+  and the golden arrays `g` themselves."""
+  import jax
+  from udi_jax.interop import official
+  from udi_jax.models.networks import build_networks
+  g = load('udi_golden_small')
+  config = small_config()
+  nets = build_networks(config)
+  like = jax.eval_shape(nets.init, jax.random.key(0))
+  state = lambda who: {k[len(who) + 1:]: v for k, v in g.items() if k.startswith(who + '/')}
+  crops_global, crops_local = golden_crops(g)
+  return dict(g=g, config=config, nets=nets, student=official.from_official(state('student'), like),
+              teacher=official.from_official(state('teacher'), like), crops_global=crops_global,
+              crops_local=crops_local, samples=golden_samples(g), grad_names=list(state('grad')),
+              centres=official.centres_from_official(g['center_init'], nets.levels),
+              teacher_temp=np.float32(load_json('udi_golden_small')['config']['teacher_temp_f64']))
+
+
+def one_step(case: dict):
+  """(ObjectiveOutput, gradients of the student) of the golden step, jitted."""
+  import jax
+  from udi_jax.method.objective import ObjectiveSettings, udi_objective
+  settings = ObjectiveSettings.from_config(case['config'])
+
+  def loss(student):
+    return udi_objective(case['nets'], settings, student, case['teacher'], case['centres'],
+                         case['crops_global'], case['crops_local'], case['samples'], case['teacher_temp'])
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(case['student'])
+  return out, grads

@@ -13,48 +13,22 @@ from tests import golden
 from tests.helpers import max_rel, rel
 from tests.reference_udi import reference_loss
 from udi_jax.interop import official
-from udi_jax.method.objective import ObjectiveSettings, udi_objective
-from udi_jax.models.networks import build_networks
 from udi_jax.models.vit import resize_pos_embed
-
-COMPONENTS = {'g_cls': 'g_cl', 'g_cls_plus': 'g_mcl', 'g_patch': 'g_pch', 'l_cls': 'l_cl',
-              'l_cls_plus': 'l_mcl'}
-
 
 @pytest.fixture(scope='module')
 def case():
-  g = golden.load('udi_golden_small')
-  meta = golden.load_json('udi_golden_small')
-  config = golden.small_config()
-  nets = build_networks(config)
-  like = jax.eval_shape(nets.init, jax.random.key(0))
-  state = lambda who: {k[len(who) + 1:]: v for k, v in g.items() if k.startswith(who + '/')}
-  student = official.from_official(state('student'), like)
-  teacher = official.from_official(state('teacher'), like)
-  crops_global, crops_local = golden.golden_crops(g)
-  return dict(g=g, config=config, nets=nets, student=student, teacher=teacher,
-              crops_global=crops_global, crops_local=crops_local, grad_names=list(state('grad')),
-              teacher_temp=np.float32(meta['config']['teacher_temp_f64']))
+  return golden.one_step_case()
 
 
 @pytest.fixture(scope='module')
 def result(case):
-  nets, g = case['nets'], case['g']
-  centres = official.centres_from_official(g['center_init'], nets.levels)
-  settings = ObjectiveSettings.from_config(case['config'])
-
-  def loss(student):
-    return udi_objective(nets, settings, student, case['teacher'], centres, case['crops_global'],
-                         case['crops_local'], golden.golden_samples(g), case['teacher_temp'])
-
-  (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(case['student'])
-  return out, grads
+  return golden.one_step(case)
 
 
 def test_loss_components_match_official(result, case):
   out, _ = result
   g = case['g']
-  errors = {name: rel(out.components[ours], g[f'loss/{name}']) for ours, name in COMPONENTS.items()}
+  errors = {name: rel(out.components[ours], g[f'loss/{name}']) for ours, name in golden.COMPONENTS.items()}
   errors['total'] = rel(out.loss, g['loss/total'])
   print('relative loss errors:', errors)
   assert max(errors.values()) <= 1e-5, errors

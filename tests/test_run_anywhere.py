@@ -104,7 +104,7 @@ def test_colab_notebook_runs_end_to_end_on_the_cpu(tmp_path):
 
 
 def test_benchmark_prints_every_figure_on_the_cpu():
-  result = subprocess.run([sys.executable, '-m', 'udi_jax.benchmark', '--config=configs/demo.py', '--steps=2',
+  result = subprocess.run([sys.executable, '-m', 'udi_jax.benchmark', '--config=tests/tiny_train_config.py', '--steps=2',
                            '--warmup=1', '--per_device_batch=8'], cwd=REPO, env=env(1), capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -112,6 +112,30 @@ def test_benchmark_prints_every_figure_on_the_cpu():
   assert line, result.stdout
   for figure in ('step ', ' ms', 'images/s per device', 'peak memory n/a', 'GFLOP/image (XLA ', 'MFU n/a'):
     assert figure in line[0], (figure, line[0])
+
+
+def test_device_check_runs_every_stage_on_the_cpu(tmp_path):
+  """benchmarks/device_check.py as a device session runs it, at the tiny size: every stage measures,
+  parity passes, and the JSON and the RESULTS.md row agree."""
+  import json
+  from tests import golden
+  result = subprocess.run([sys.executable, 'benchmarks/device_check.py', '--config=tests/tiny_train_config.py',
+                           f'--out={tmp_path}', f'--golden_dir={golden.golden_dir()}'], cwd=REPO, env=env(1),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  [path] = tmp_path.glob('cpu-*.json')
+  record = json.loads(path.read_text())
+  stages = record['stages']
+  assert list(stages) == ['env', 'parity', 'step', 'loop', 'bf16']
+  assert not [name for name, r in stages.items() if 'error' in r], stages
+  assert stages['env']['backend'] == 'cpu' and stages['env']['devices'] == 1
+  assert stages['parity']['passed'] and stages['parity']['gradients'] == 46
+  assert [r['per_device_batch'] for r in stages['step']['rows']] == [8] and stages['step']['largest_fitting'] == 8
+  assert all(stages['step'][k]['step_ms'] > 0 for k in ('remat', 'no_remat'))
+  [loop] = stages['loop']['runs']
+  assert loop['workers'] == 0 and 0 < loop['loop_over_step'] and loop['images_per_s'] > 0
+  assert stages['bf16']['steps'] == 4 and stages['bf16']['finite'] and stages['bf16']['max_gap'] < 0.05
+  assert record['row'] in result.stdout and record['row'].count('|') == 10
 
 
 @pytest.fixture(scope='module')
