@@ -131,6 +131,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.student))
 
 
+def test_without_tensorflow_metrics_go_to_the_jsonl_file_and_nan_still_stops(tmp_path, monkeypatch):
+  """clu's writers cannot be imported without TensorFlow (as on an accelerator image that lacks it): the
+  run keeps metrics.jsonl and the progress line, writes no TensorBoard events, and still stops on NaN."""
+  def no_tensorflow():
+    raise ImportError("No module named 'tensorflow'")
+  monkeypatch.setattr(loop, 'clu_writers', no_tensorflow)
+  log = loop.MetricsLog(tmp_path, total_steps=4, steps_per_epoch=2, batch_size=8, start=0, log_every_steps=2)
+  metrics = lambda loss: {'loss': np.float32(loss), 'loss/cls': np.float32(loss), 'lr': np.float32(1e-3),
+                          'teacher_temp': np.float32(0.04)}
+  log.add(1, metrics(1.0))
+  log.add(2, metrics(2.0))
+  log.flush(2, None)
+  assert metrics_by_step(tmp_path)[2]['loss'] == 1.5 and not list(tmp_path.glob('events.out.tfevents.*'))
+  log.add(3, metrics(np.nan))
+  with pytest.raises(FloatingPointError, match='Non-finite loss at step 3'):
+    log.flush(3, 2)
+  log.close()
+
+
 def test_init_from_another_run_takes_its_weights_not_its_step(tiny_run, tmp_path, monkeypatch):
   """Student, teacher and centres of the other run's newest checkpoint; step 0 and a fresh optimiser."""
   config, workdir = tiny_run

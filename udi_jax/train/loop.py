@@ -126,28 +126,43 @@ def progress_line(step: int, total: int, steps_per_epoch: int, m: dict, seconds_
           f'ETA {eta}')
 
 
+def clu_writers():
+  """clu's metric writers and periodic actions. They load TensorFlow (seconds), so they are imported when
+  a run starts (a bad config fails at once); without TensorFlow they cannot be imported at all."""
+  from clu import metric_writers, periodic_actions
+  return metric_writers, periodic_actions
+
+
 class MetricsLog:
   """The steps' metrics, kept on the device until a log step; then checked for non-finite values and
-  written to TensorBoard, `metrics.jsonl` and the progress line (process 0)."""
+  written to TensorBoard (clu), `metrics.jsonl` and the progress line (process 0). Without TensorFlow
+  (e.g. an accelerator image that lacks it) the TensorBoard events are off, with a warning."""
 
   def __init__(self, workdir: pathlib.Path, total_steps: int, steps_per_epoch: int, batch_size: int,
                start: int, log_every_steps: int):
-    # clu's writers load TensorFlow (seconds): imported when a run starts, so a bad config fails at once.
-    from clu import metric_writers, periodic_actions
     self.workdir, self.total_steps, self.steps_per_epoch = workdir, total_steps, steps_per_epoch
     self.batch_size, self.primary = batch_size, jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.primary)
-    self.progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=self.writer,
-                                                    every_steps=log_every_steps)
+    self.writer = self.progress = None
+    try:
+      metric_writers, periodic_actions = clu_writers()
+    except ImportError as e:
+      logging.warning('TensorBoard events are off (%s); the metrics go to %s only.', e,
+                      workdir / 'metrics.jsonl')
+    else:
+      self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.primary)
+      self.progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=self.writer,
+                                                      every_steps=log_every_steps)
     self.pending: list[tuple[int, dict]] = []
     self.last_time, self.last_step = time.time(), start
 
   def add(self, step: int, metrics: dict):
     self.pending.append((step, metrics))
-    self.progress(step)
+    if self.progress:
+      self.progress(step)
 
   def write(self, step: int, scalars: dict):
-    self.writer.write_scalars(step, scalars)
+    if self.writer:
+      self.writer.write_scalars(step, scalars)
     if self.primary:
       with open(self.workdir / 'metrics.jsonl', 'a') as f:
         f.write(json.dumps({'step': step, **scalars}) + '\n')
@@ -174,7 +189,8 @@ class MetricsLog:
     self.last_time, self.last_step = time.time(), step
 
   def close(self):
-    self.writer.flush()
+    if self.writer:
+      self.writer.flush()
 
 
 def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> TrainState:
