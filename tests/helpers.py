@@ -170,8 +170,7 @@ def wait_for_checkpoint(workdir, step, process, timeout=300) -> int:
 # ---- Reading a run.
 
 def metrics_by_step(workdir) -> dict[int, dict]:
-  """The logged metrics of every step, merged (a k-NN line joins its step's line; a resumed run logs
-  some steps twice, and the later line wins)."""
+  """The logged metrics of every step, merged (a k-NN line joins its step's line)."""
   merged = {}
   for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines():
     row = json.loads(line)
@@ -188,18 +187,19 @@ def init_config(init_from: str):
   return config
 
 
+def identity_step(trainer, mesh, parallel='shard_map', donate=True):
+  """A stand-in for `make_train_step`: the state unchanged (donated, as by the real step, which fails if
+  two leaves share a buffer) and zero metrics; nothing to compile."""
+  del trainer, mesh, parallel, donate
+  zero = lambda: jnp.zeros((), jnp.float32)
+  return jax.jit(lambda state, batch: (state, {'loss': zero(), 'lr': zero(), 'teacher_temp': zero()}),
+                 donate_argnums=(0,))
+
+
 def state_handed_to_the_step(config, workdir, monkeypatch):
-  """What the training loop hands its step: `train_and_evaluate` with the step replaced by a donating
-  identity (nothing to compile), so the state it returns is the restored or initialised one. As with the
-  real step, the donation fails if two leaves share a buffer."""
+  """What the training loop hands its step: `train_and_evaluate` with the identity step, so the state it
+  returns is the restored or initialised one."""
   from udi_jax.train import loop
-
-  def identity_step(trainer, mesh, parallel='shard_map', donate=True):
-    del trainer, mesh, parallel, donate
-    zero = lambda: jnp.zeros((), jnp.float32)
-    return jax.jit(lambda state, batch: (state, {'loss': zero(), 'lr': zero(), 'teacher_temp': zero()}),
-                   donate_argnums=(0,))
-
   monkeypatch.setattr(loop, 'make_train_step', identity_step)
   return jax.device_get(loop.train_and_evaluate(config, workdir).state)
 

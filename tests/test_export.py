@@ -1,6 +1,7 @@
 """PyTorch interop: timm export equals the JAX model, the official layout, round trips, imports, errors."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -130,8 +131,11 @@ def test_bad_files_give_one_clear_sentence(tiny_run, tmp_path):
   config, _ = tiny_run
   like = jax.eval_shape(build_networks(config).init, jax.random.key(0))
   (tmp_path / 'corrupt.pth').write_bytes(np.random.default_rng(0).integers(0, 255, 3000, dtype=np.uint8).tobytes())
-  with pytest.raises(ValueError, match='is not a PyTorch checkpoint this project can read'):
+  with pytest.raises(ValueError, match='is not a PyTorch checkpoint: it is corrupt, truncated or another kind'):
     torch_files.load_torch_checkpoint(tmp_path / 'corrupt.pth', like)
+  torch.save(torch.nn.Linear(2, 2), tmp_path / 'pickled_model.pth')
+  with pytest.raises(ValueError, match=r'holds Python objects besides tensors .* save its state_dict\(\)'):
+    torch_files.load_torch_checkpoint(tmp_path / 'pickled_model.pth', like)
   (tmp_path / 'corrupt.safetensors').write_bytes(b'not safetensors at all')
   with pytest.raises(ValueError, match='not a readable .safetensors file'):
     torch_files.load_torch_checkpoint(tmp_path / 'corrupt.safetensors', like)
@@ -169,7 +173,9 @@ def test_export_command_line(tiny_run, tmp_path):
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'img_size=32' in result.stdout and out.is_file()
+  assert not re.search(r'^[IWE]\d{4} ', result.stderr, re.M), result.stderr    # no orbax log lines
   bad = subprocess.run([sys.executable, '-m', 'udi_jax.export', f'--workdir={tmp_path / "nothing"}',
                         f'--out={out}'], cwd=REPO, env=env(1), capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 2 and 'Export failed: No checkpoint in' in bad.stderr
+  assert bad.returncode == 2 and bad.stderr.strip().startswith('Export failed: No checkpoint in')
+  assert len(bad.stderr.strip().splitlines()) == 1
   assert pathlib.Path(out).stat().st_size > 0

@@ -90,6 +90,24 @@ def test_pipeline_skips_and_counts_bad_files(folder, caplog):
   assert all(b['global'].dtype == np.uint8 and b['global'].shape == (8, 2, 32, 32, 3) for b in batches)
 
 
+def test_empty_and_non_image_files_are_named_as_such():
+  with pytest.raises(sources.UnreadableImage, match=r'^empty file \(0 bytes\)$'):
+    sources.decode_image(b'')
+  with pytest.raises(sources.UnreadableImage, match=r'^not an image \(11 bytes in no format PIL reads\)$'):
+    sources.decode_image(b'hello world')
+
+
+def test_an_empty_class_folder_is_accepted_with_a_warning(tmp_path, caplog):
+  """It still takes a label id (as in torchvision's ImageFolder), which shifts the later classes' ids."""
+  save(Image.new('RGB', (8, 8)), tmp_path / 'a' / 'x.png')
+  (tmp_path / 'b').mkdir()
+  save(Image.new('RGB', (8, 8)), tmp_path / 'c' / 'y.png')
+  with caplog.at_level(logging.WARNING):
+    source = sources.open_source(f'imagefolder:{tmp_path}')
+  assert source.classes == ['a', 'b', 'c'] and list(source.labels) == [0, 2]
+  assert any('class folders b of' in r.getMessage() and 'shifted' in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize('spec,message', [
     ('imagefolder:/no/such/folder', 'does not exist'),
     ('imagefolder:{empty}', 'holds no images'),

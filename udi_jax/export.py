@@ -21,8 +21,9 @@ import pathlib
 import sys
 from typing import Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 
+from udi_jax.errors import UserError
 from udi_jax.interop import layouts, torch_files
 from udi_jax.train.checkpoint import restore_run
 
@@ -58,9 +59,11 @@ def main(argv):
   del argv
   if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError('--workdir and --out are required.')
+  if not FLAGS['verbosity'].present:   # orbax's INFO chatter off; the result is printed
+    logging.set_verbosity(logging.WARNING)
   try:
     print(export(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step, FLAGS.img_size, FLAGS.which))
-  except (ValueError, FileNotFoundError, RuntimeError) as e:
+  except (UserError, ValueError, FileNotFoundError, RuntimeError) as e:
     print(f'Export failed: {e}', file=sys.stderr)
     sys.exit(2)
 

@@ -20,7 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from udi_jax.errors import ConfigError, config_errors
+from udi_jax.errors import UserError, config_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/vits16.py or configs/demo.py:digits.',
@@ -50,8 +50,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     overrides = [a[2:].split('=')[0] for a in argv if a.startswith('--config.')]
     named = [o for o in overrides if names and names[0] in o.split('.')] or overrides
     config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), 'the config file')
-    print(f'Config error: {named[0] if named else "an override"} is not a field of {config_file}; '
-          'an override can only set a field the config file defines.', file=sys.stderr)
+    field = named[0] if named else 'an override'
+    suggestion = re.search(r'Did you mean \W*"(\w+)" instead of \W*"(\w+)"', str(e))   # ml_collections'
+    hint = ''
+    if suggestion and suggestion[2] in field.split('.'):
+      hint = ' (did you mean ' + '.'.join(suggestion[1] if p == suggestion[2] else p for p in field.split('.')) + '?)'
+    print(f'Config error: {field} is not a field of {config_file}{hint}; an override can only set a field '
+          'the config file defines.', file=sys.stderr)
     sys.exit(2)
 
 
@@ -76,7 +81,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   initialize_distributed()
   # After jax.distributed.initialize: nothing may touch the devices before it.
-  from udi_jax.evaluate.report import final_report
+  from udi_jax.evaluate.report import final_report, report_written
   from udi_jax.train.loop import train_and_evaluate
   config = FLAGS.config
   workdir = pathlib.Path(FLAGS.workdir or default_workdir(config_flags.get_config_filename(FLAGS['config'])))
@@ -85,13 +90,13 @@ def main(argv):
       evaluate_checkpoint(config, workdir)
       return
     result = train_and_evaluate(config, workdir)
-  except ConfigError as e:
-    print(f'Config error: {e}', file=sys.stderr)
+  except UserError as e:
+    print(f'{e.label}: {e}', file=sys.stderr)
     sys.exit(2)
   except FloatingPointError as e:
     print(f'Training stopped: {e}', file=sys.stderr)
     sys.exit(1)
-  if config.eval.report and result.completed:
+  if config.eval.report and result.completed and (result.trained_steps or not report_written(workdir)):
     final_report(config, result.trainer.nets, result.state, workdir)
 
 
@@ -112,12 +117,8 @@ def evaluate_checkpoint(config, workdir: pathlib.Path) -> dict:
   with config_errors():
     evaluation.check_config(config)
   run, step = eval_checkpoint_path(config.eval.checkpoint, workdir)
-  try:
-    with config_errors():
-      restored = restore_run(run, step, config=config)
-  except FileNotFoundError as e:
-    print(f'{e} Or set --config.eval.checkpoint to a run.', file=sys.stderr)
-    sys.exit(2)
+  with config_errors():
+    restored = restore_run(run, step, config=config)
   params = evaluation.evaluated_network(config, restored.state)
   name = f'step{restored.step}_{config.eval.network}'
   results = evaluation.evaluate(config, restored.trainer.nets, params, workdir, name,

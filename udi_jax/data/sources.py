@@ -14,6 +14,7 @@ RGB uint8 array, whatever the mode (grayscale, palette, CMYK, RGBA, 16-bit).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import io
@@ -146,6 +147,11 @@ def image_folder(path: str, split: str | None = None) -> FileSource:
         if f.lower().endswith(IMAGE_SUFFIXES):
           paths.append(os.path.join(dirpath, f))
           labels.append(label)
+  empty = sorted(set(classes) - {classes[label] for label in set(labels)})
+  if empty and paths:
+    logging.warning('The class folders %s of %s hold no images; they still take label ids, so the labels '
+                    'of the classes after them are shifted: remove them if that is not intended.',
+                    ', '.join(empty), root)
   if not paths:
     raise ValueError(f'The image folder {root} holds no images (.jpg, .jpeg, .png, .webp) in class '
                      'subfolders; use the layout ROOT/<class>/<image>.')
@@ -157,24 +163,37 @@ def _label_classes(info, key: str) -> int:
   return int(getattr(feature, 'num_classes', 0) or 0)
 
 
+@contextlib.contextmanager
+def _tfds_quiet():
+  """absl warnings off: tfds warns about each folder it probes, and a failure here gets its own sentence."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
   import tensorflow_datasets as tfds
   skip = {'image': tfds.decode.SkipDecoding()}
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, decoders=skip, download=False)
+    with _tfds_quiet():
+      source = tfds.data_source(name, split=split, data_dir=data_dir, decoders=skip, download=False)
     return TfdsSource(source, num_classes=_label_classes(source.dataset_info, 'label'))
   except Exception as e:   # diagnose: unknown, not prepared, or stored as TFRecord
     error = e
   where = data_dir or 'the default tfds data dir (~/tensorflow_datasets)'
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:
-    raise ValueError(f'tfds does not know the dataset {name!r}; check config.data.source '
-                     f'(tfds:NAME[:SPLIT]).') from e
-  build = f'`tfds build {name} --file_format=array_record{" --data_dir=" + data_dir if data_dir else ""}`'
-  if not builder.is_prepared():
-    raise ValueError(f'The tfds dataset {name!r} is not prepared in {where}; prepare it with {build}, '
-                     'or set config.data.data_dir to where it is prepared.') from error
+  with _tfds_quiet():
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:
+      raise ValueError(f'tfds does not know the dataset {name!r}; check config.data.source '
+                       f'(tfds:NAME[:SPLIT]).') from e
+    build = f'`tfds build {name} --file_format=array_record{" --data_dir=" + data_dir if data_dir else ""}`'
+    if not builder.is_prepared():
+      raise ValueError(f'The tfds dataset {name!r} is not prepared in {where}; prepare it with {build}, '
+                       'or set config.data.data_dir to where it is prepared.') from error
   if split not in builder.info.splits:
     raise ValueError(f'The tfds dataset {name!r} has no split {split!r}; choose one of '
                      f'{sorted(builder.info.splits)}.') from error
@@ -295,6 +314,8 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
 def decode_image(image: bytes | np.ndarray) -> Image.Image:
   """Encoded bytes or an array -> an RGB PIL image at least MIN_SIDE pixels on each side."""
   if isinstance(image, (bytes, bytearray, np.bytes_)):
+    if not len(image):
+      raise UnreadableImage('empty file (0 bytes)')
     try:
       with Image.open(io.BytesIO(bytes(image))) as opened:
         opened.load()
@@ -304,6 +325,8 @@ def decode_image(image: bytes | np.ndarray) -> Image.Image:
           rgb = opened.convert('RGBA').convert('RGB')
         else:
           rgb = opened if opened.mode == 'RGB' else opened.convert('RGB')
+    except Image.UnidentifiedImageError as e:
+      raise UnreadableImage(f'not an image ({len(image)} bytes in no format PIL reads)') from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
       raise UnreadableImage(str(e)) from e
   else:

@@ -18,6 +18,11 @@ from udi_jax.models.networks import Networks
 EXPORT_NAME = 'teacher_timm.safetensors'
 
 
+def report_written(workdir: str | pathlib.Path) -> bool:
+  """Whether a run's report is complete (its export, the last part written, exists)."""
+  return (pathlib.Path(workdir) / 'export' / EXPORT_NAME).is_file()
+
+
 def final_report(config, nets: Networks, state, workdir: str | pathlib.Path) -> None:
   """Writes the report of a run's final TrainState and prints where its parts are (process 0)."""
   workdir = pathlib.Path(workdir)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from udi_jax.data.sources import Source, check_spec, decode_image, limit, open_source
+from udi_jax.errors import config_errors
 from udi_jax.evaluate import attention, features, knn, linear
 from udi_jax.models.networks import CLS, Networks
 
@@ -57,8 +58,9 @@ def eval_sources(config) -> tuple[Source, Source]:
     raise ValueError('config.eval.train_source and config.eval.test_source must name the splits to '
                      'evaluate on, e.g. mnist5k:train and mnist5k:test.')
   data_dir = config.data.data_dir or None
-  train = limit(open_source(ev.train_source, data_dir), ev.max_train_examples)
-  test = limit(open_source(ev.test_source, data_dir), ev.max_test_examples)
+  with config_errors():
+    train = limit(open_source(ev.train_source, data_dir), ev.max_train_examples)
+    test = limit(open_source(ev.test_source, data_dir), ev.max_test_examples)
   return train, test
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import zipfile
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -72,8 +73,11 @@ def read_file(path: str | pathlib.Path) -> dict[str, Any]:
     torch.serialization.add_safe_globals([argparse.Namespace])   # the official checkpoints store args
     payload = torch.load(str(path), map_location='cpu', weights_only=True)
   except Exception as e:
-    raise ValueError(f'{path} is not a PyTorch checkpoint this project can read ({type(e).__name__}: '
-                     f'{str(e).splitlines()[0][:200]}); expected a .pth state dict or training checkpoint.') from e
+    if not zipfile.is_zipfile(path):     # torch.save writes a zip archive
+      raise ValueError(f'{path} is not a PyTorch checkpoint: it is corrupt, truncated or another kind of file '
+                       '(torch.save writes a zip archive); give a .pth or .safetensors file of weights.') from e
+    raise ValueError(f'{path} holds Python objects besides tensors (e.g. a whole pickled model), which are not '
+                     'loaded, for safety; save its state_dict() with torch.save and give that file.') from e
 
   def convert(x):
     if hasattr(x, 'detach') and hasattr(x, 'numpy'):

@@ -1,21 +1,32 @@
 """Checkpoints under `workdir/checkpoints` (orbax): the train state, the input-iterator state, the config.
 
 Every process calls save and restore (orbax coordinates multi-host writes of global arrays). Saves are
-asynchronous; `wait` blocks until the last one is on disk. The newest checkpoint is where a run resumes.
-`restore_run` opens a finished or running run's checkpoint for export, evaluation and tests.
+asynchronous (a save waits for the one before it); `wait` blocks until the last one is on disk. orbax
+writes a step into a temporary directory and renames it when complete, so a save cut short leaves no
+step behind; a step damaged afterwards (a truncated or deleted file) is found by `damage`, which reads
+every stored array's bytes, and skipped: restoring without a step takes the newest one that restores
+and lists the ones it skipped. `restore_run` opens a finished or running run's checkpoint for export,
+evaluation and tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import shutil
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import logging
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 from orbax.checkpoint._src.metadata import array_metadata_store   # the default handler's store
 
+from udi_jax.errors import UserError
 from udi_jax.mesh import data_mesh
 from udi_jax.train.state import TrainState, abstract_state
 from udi_jax.train.step import Trainer
@@ -31,7 +42,7 @@ def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
       *[(ty, ocp.type_handlers.get_type_handler(ty)) for ty in ocp.type_handlers.supported_types()])
   registry.add(jax.Array, ocp.type_handlers.ArrayHandler(
       array_metadata_store=array_metadata_store.Store(),
-      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+      min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True, ignore_warnings=True)
   return registry
 
 
@@ -59,18 +70,83 @@ class Checkpoints:
         state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config)))
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict, int]:
-    """(state, data state, step) of `step` (default: the newest), into `abstract_state`'s shardings."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {self.manager.directory}.')
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args), data=ocp.args.JsonRestore()))
-    return restored['state'], restored['data'], step
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
-  def restore_config(self, step: Optional[int] = None) -> dict:
-    step = self.latest_step() if step is None else step
+  def damage(self, step: int) -> Optional[str]:
+    """Why the checkpoint of `step` cannot be restored (a missing or truncated file), or None. Reads every
+    array's bytes from the tensorstore database directly: a damaged file found while orbax restores
+    leaves thousands of lines of asyncio tracebacks, found here it is one quiet sentence."""
+    path = pathlib.Path(self.manager.directory) / str(step)
+    for item in ('data', 'config'):
+      try:
+        json.loads((path / item / 'metadata').read_text())
+      except (OSError, ValueError):
+        return f'{item}/metadata is missing or not JSON'
+    if not (path / 'state' / 'manifest.ocdbt').is_file():
+      return None if (path / 'state' / '_METADATA').is_file() else 'its state has no arrays'
+    try:
+      store = ts.KvStore.open({'driver': 'ocdbt', 'base': f'file://{(path / "state").absolute()}/'}).result()
+      keys = store.list().result()
+      missing = [k for k in keys if store.read(k).result().state != 'value']
+    except ValueError as e:          # tensorstore's errors: a truncated file, an unreadable database
+      return f'a file of its state is damaged ({str(e).splitlines()[0][:160]})'
+    if not keys:
+      return 'its state has no arrays'
+    if missing:
+      return f'{len(missing)} of its arrays have no data (e.g. {missing[0].decode(errors="replace")})'
+    return None
+
+  def _agreed_damage(self, step: int) -> Optional[str]:
+    """`damage` as process 0 sees it, on every process (they must restore the same step)."""
+    problem = self.damage(step)
+    if jax.process_count() > 1:
+      bad = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+      problem = (problem or 'damaged on process 0') if bad else None
+    return problem
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None
+              ) -> tuple[Any, dict, int, list[tuple[int, str]]]:
+    """(state, data state, step, skipped) of `step`, or of the newest checkpoint that restores, into
+    `abstract_state`'s shardings; `skipped` lists the newer (step, reason) that could not be restored."""
+    candidates = [step] if step is not None else self.steps()[::-1]
+    if not candidates:
+      raise FileNotFoundError(f'No checkpoint in {self.manager.directory}.')
+    if step is not None and step not in self.steps():
+      raise UserError(f'There is no checkpoint of step {step} in {self.manager.directory}; the steps there '
+                      f'are {self.steps() or "none"}.')
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+    skipped = []
+    for candidate in candidates:
+      problem = self._agreed_damage(candidate)
+      if problem is None:
+        try:
+          restored = self.manager.restore(candidate, args=ocp.args.Composite(
+              state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
+              data=ocp.args.JsonRestore()))
+          return restored['state'], restored['data'], candidate, skipped
+        except Exception as e:   # pylint: disable=broad-except  (orbax raises bare Exceptions for bad data)
+          problem = f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
+      skipped.append((candidate, problem))
+    listed = '; '.join(f'step {s}: {why}' for s, why in skipped)
+    raise UserError(f'No checkpoint in {self.manager.directory} can be restored ({listed}); move the damaged '
+                    'step directories away to train from the start, or restore them from a backup.')
+
+  def set_aside(self, step: int, to: pathlib.Path) -> pathlib.Path:
+    """Moves a damaged step out of the checkpoints and returns where to: kept for inspection, and out of
+    the way of the new save of that step."""
+    target, n = to / str(step), 1
+    while target.exists():
+      target, n = to / f'{step}.{n}', n + 1
+    if jax.process_index() == 0:
+      to.mkdir(parents=True, exist_ok=True)
+      shutil.move(pathlib.Path(self.manager.directory) / str(step), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+    self.manager.reload()
+    return target
+
+  def restore_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
 
   def wait(self):
@@ -91,23 +167,27 @@ class RestoredRun:
 
 def restore_run(path: str | pathlib.Path, step: Optional[int] = None,
                 config: Optional[ConfigDict] = None) -> RestoredRun:
-  """The checkpoint of `step` (default: the newest) of a run (its workdir or checkpoints/ directory).
+  """The checkpoint of `step` (default: the newest that restores, with a warning naming any newer one
+  skipped) of a run (its workdir or checkpoints/ directory).
 
   The networks' shapes come from `config`, or from the config saved with the checkpoint.
   """
   directory = checkpoint_dir(path)
-  missing = FileNotFoundError(f'No checkpoint in {directory}; train first or point --workdir at a run.')
+  missing = UserError(f'No checkpoint in {directory}; train first, or give the workdir of a run.')
   if not directory.is_dir():
     raise missing
   checkpoints = Checkpoints(directory, asynchronous=False)
   try:
-    if checkpoints.latest_step() is None:
+    if not checkpoints.steps():
       raise missing
-    if config is None:
-      config = ConfigDict(checkpoints.restore_config(step))
+    if config is None:      # the shapes: from the newest undamaged step's config
+      readable = [s for s in checkpoints.steps() if s == step or (step is None and not checkpoints.damage(s))]
+      config = ConfigDict(checkpoints.restore_config(readable[-1] if readable else checkpoints.steps()[-1]))
     trainer = Trainer.from_config(config, steps_per_epoch=1)         # shapes only
     abstract = abstract_state(trainer.nets, trainer.tx, data_mesh())
-    state, data_state, step = checkpoints.restore(abstract, step)
+    state, data_state, step, skipped = checkpoints.restore(abstract, step)
   finally:
     checkpoints.close()
+  for bad, why in skipped:
+    logging.warning('Skipped the checkpoint of step %d in %s: %s.', bad, directory, why)
   return RestoredRun(config, trainer, jax.device_get(state), data_state, step)

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import pathlib
 import signal
-import time
 from typing import Optional
 
 import jax
@@ -28,10 +27,11 @@ from udi_jax.data.sources import Source, training_source
 from udi_jax.errors import config_errors
 from udi_jax.evaluate import run as evaluation
 from udi_jax.mesh import batch_sharding, data_mesh
-from udi_jax.models.networks import LEVELS
 from udi_jax.train.checkpoint import Checkpoints, checkpoint_dir
+from udi_jax.train.metrics_log import MetricsLog
 from udi_jax.train.state import TrainState, abstract_state, create_state
 from udi_jax.train.step import PARALLEL, Trainer, make_train_step
+from udi_jax.train.workdir import held_workdir
 
 PREEMPTION_CHECK_STEPS = 10   # multi-host: steps between agreeing on a SIGTERM
 
@@ -65,6 +65,9 @@ class RunSettings:
     if torch_file is not None and not pathlib.Path(torch_file).is_file():
       raise ValueError(f'config.init_from={config.init_from}: no such file; give torch:PATH to a .pth or '
                        '.safetensors file.')
+    if config.init_from and torch_file is None and not checkpoint_dir(config.init_from).is_dir():
+      raise ValueError(f'config.init_from={config.init_from} is neither a workdir nor a checkpoint directory; '
+                       'give a run to start from, or torch:PATH for a PyTorch file.')
     return cls(batch_size=config.batch_size, parallel=config.parallel, log_every_steps=config.log_every_steps,
                checkpoint_every_steps=config.checkpoint_every_steps, keep_checkpoints=config.keep_checkpoints,
                keep_every_epochs=config.keep_every_epochs, knn_every_epochs=config.eval.knn_every_epochs,
@@ -86,6 +89,7 @@ class TrainResult:
   state: TrainState
   trainer: Trainer
   completed: bool            # False when a SIGTERM stopped the run early
+  trained_steps: int         # by this call (0: the run was already complete)
 
 
 class Preemption:
@@ -117,82 +121,6 @@ class Preemption:
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
-def progress_line(step: int, total: int, steps_per_epoch: int, m: dict, seconds_per_step: float,
-                  batch_size: int) -> str:
-  levels = ' '.join(f'{level} {m[f"loss/{level}"]:.3f}' for level in LEVELS if f'loss/{level}' in m)
-  eta = time.strftime('%H:%M:%S', time.gmtime(max(total - step, 0) * seconds_per_step))
-  return (f'step {step}/{total} (epoch {(step - 1) // steps_per_epoch}) loss {m["loss"]:.4f} [{levels}] '
-          f'lr {m["lr"]:.2e} T_t {m["teacher_temp"]:.4f} | {batch_size / seconds_per_step:.1f} img/s, '
-          f'ETA {eta}')
-
-
-def clu_writers():
-  """clu's metric writers and periodic actions. They load TensorFlow (seconds), so they are imported when
-  a run starts (a bad config fails at once); without TensorFlow they cannot be imported at all."""
-  from clu import metric_writers, periodic_actions
-  return metric_writers, periodic_actions
-
-
-class MetricsLog:
-  """The steps' metrics, kept on the device until a log step; then checked for non-finite values and
-  written to TensorBoard (clu), `metrics.jsonl` and the progress line (process 0). Without TensorFlow
-  (e.g. an accelerator image that lacks it) the TensorBoard events are off, with a warning."""
-
-  def __init__(self, workdir: pathlib.Path, total_steps: int, steps_per_epoch: int, batch_size: int,
-               start: int, log_every_steps: int):
-    self.workdir, self.total_steps, self.steps_per_epoch = workdir, total_steps, steps_per_epoch
-    self.batch_size, self.primary = batch_size, jax.process_index() == 0
-    self.writer = self.progress = None
-    try:
-      metric_writers, periodic_actions = clu_writers()
-    except ImportError as e:
-      logging.warning('TensorBoard events are off (%s); the metrics go to %s only.', e,
-                      workdir / 'metrics.jsonl')
-    else:
-      self.writer = metric_writers.create_default_writer(str(workdir), just_logging=not self.primary)
-      self.progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=self.writer,
-                                                      every_steps=log_every_steps)
-    self.pending: list[tuple[int, dict]] = []
-    self.last_time, self.last_step = time.time(), start
-
-  def add(self, step: int, metrics: dict):
-    self.pending.append((step, metrics))
-    if self.progress:
-      self.progress(step)
-
-  def write(self, step: int, scalars: dict):
-    if self.writer:
-      self.writer.write_scalars(step, scalars)
-    if self.primary:
-      with open(self.workdir / 'metrics.jsonl', 'a') as f:
-        f.write(json.dumps({'step': step, **scalars}) + '\n')
-
-  def flush(self, step: int, last_good: Optional[int]):
-    """Writes the mean of the pending steps; raises FloatingPointError naming the first non-finite one."""
-    fetched = [(s, jax.device_get(m)) for s, m in self.pending]
-    self.pending = []
-    for bad_step, metrics in fetched:
-      for name, value in metrics.items():
-        if not np.all(np.isfinite(value)):
-          raise FloatingPointError(
-              f'Non-finite {name} at step {bad_step}; stopping. The last good checkpoint is '
-              f'{"step " + str(last_good) if last_good is not None else "none"} in {self.workdir / "checkpoints"}.')
-    if not fetched:
-      return
-    mean = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
-    seconds_per_step = max(time.time() - self.last_time, 1e-9) / max(step - self.last_step, 1)
-    mean['images_per_s'] = self.batch_size / seconds_per_step
-    self.write(step, mean)
-    if self.primary:
-      print(progress_line(step, self.total_steps, self.steps_per_epoch, mean, seconds_per_step,
-                          self.batch_size), flush=True)
-    self.last_time, self.last_step = time.time(), step
-
-  def close(self):
-    if self.writer:
-      self.writer.flush()
-
-
 def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> TrainState:
   """Student, teacher and centres of another run's newest checkpoint (a workdir or checkpoint directory),
   or of a PyTorch file (`torch:PATH`: official UDI, DINO, timm); fresh optimiser and step."""
@@ -200,7 +128,8 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
   if init_from.startswith('torch:'):
     from udi_jax.interop.official import centres_from_official
     from udi_jax.interop.torch_files import load_torch_checkpoint
-    imported = load_torch_checkpoint(init_from[len('torch:'):], abstract.student)
+    with config_errors():
+      imported = load_torch_checkpoint(init_from[len('torch:'):], abstract.student)
     place = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding),
                                             tree, like)
     # Student and teacher get separate buffers (the step donates both).
@@ -215,12 +144,13 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
     return TrainState(step=state.step, student={**state.student, **parts()}, teacher={**state.teacher, **parts()},
                       opt=state.opt, centres=centres)
   directory = checkpoint_dir(init_from)
-  if not directory.is_dir():
-    raise FileNotFoundError(f'config.init_from={init_from} is neither a workdir nor a checkpoint directory '
-                            '(use torch:PATH for PyTorch files).')
   source = Checkpoints(directory, asynchronous=False)
-  other, _, step = source.restore(abstract)
-  source.close()
+  try:
+    other, _, step, skipped = source.restore(abstract)
+  finally:
+    source.close()
+  for bad, why in skipped:
+    logging.warning('Skipped the checkpoint of step %d in %s: %s.', bad, directory, why)
   if primary:
     print(f'Initialised the student, teacher and centres from {directory} (step {step}).', flush=True)
   return TrainState(step=state.step, student=other.student, teacher=other.teacher, opt=state.opt,
@@ -229,12 +159,18 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
 
 def _initial_state(trainer: Trainer, run: RunSettings, checkpoints: Checkpoints, seed: int,
                    mesh) -> tuple[TrainState, Optional[dict]]:
-  """(state, input-iterator state): the newest checkpoint of the run, or a new state (maybe `init_from`)."""
+  """(state, input-iterator state): the newest checkpoint of the run that restores (damaged newer ones
+  are moved to WORKDIR/damaged_checkpoints/, saying why), or a new state (maybe `init_from`)."""
   abstract = abstract_state(trainer.nets, trainer.tx, mesh)
   if checkpoints.latest_step() is not None:
-    state, data_state, step = checkpoints.restore(abstract)
+    state, data_state, step, skipped = checkpoints.restore(abstract)
+    directory = pathlib.Path(checkpoints.manager.directory)
+    for bad, why in skipped:
+      moved = checkpoints.set_aside(bad, directory.parent / 'damaged_checkpoints')
+      if jax.process_index() == 0:
+        print(f'Skipped the checkpoint of step {bad}: {why}; moved it to {moved}.', flush=True)
     if jax.process_index() == 0:
-      print(f'Resuming from the checkpoint of step {step} in {checkpoints.manager.directory}.', flush=True)
+      print(f'Resuming from the checkpoint of step {step} in {directory}.', flush=True)
     return state, data_state
   state = create_state(trainer.nets, trainer.tx, jax.random.key(seed), mesh)
   if run.init_from:
@@ -258,22 +194,29 @@ def _settings(config) -> tuple[RunSettings, PipelineSettings, Source, Trainer]:
     run = RunSettings.from_config(config, jax.device_count(), jax.process_count())
     pipe_settings = settings_from_config(config)
     evaluation.check_config(config)
-  source = training_source(config)
-  with config_errors():
+    source = training_source(config)
     if len(source) < run.batch_size:
       raise ValueError(f'config.data.source={config.data.source} has {len(source)} examples, fewer than '
                        f'config.batch_size={run.batch_size}; use a smaller batch.')
     trainer = Trainer.from_config(config, steps_per_epoch=len(source) // run.batch_size)
+    if run.init_from.startswith('torch:'):      # readable? (loaded again when the state is made)
+      from udi_jax.interop.torch_files import read_file
+      read_file(run.init_from[len('torch:'):])
   return run, pipe_settings, source, trainer
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> TrainResult:
-  """Trains until config.epochs (or a SIGTERM). Raises ConfigError for an impossible config before
+  """Trains until config.epochs (or a SIGTERM), holding the workdir. Raises ConfigError for an impossible
+  config and UserError for a workdir that cannot be used (another run holds it, not writable) before
   anything runs, FloatingPointError at a non-finite metric."""
   run, pipe_settings, source, trainer = _settings(config)
+  with held_workdir(workdir) as workdir:
+    return _train(config, workdir, run, pipe_settings, source, trainer)
+
+
+def _train(config, workdir: pathlib.Path, run: RunSettings, pipe_settings: PipelineSettings, source: Source,
+           trainer: Trainer) -> TrainResult:
   mesh = data_mesh()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   steps_per_epoch, total_steps = trainer.schedules.steps_per_epoch, trainer.schedules.total_steps
   config_dict = json.loads(config.to_json_best_effort())
   if jax.process_index() == 0:
@@ -284,6 +227,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> TrainResult:
   checkpoints = Checkpoints(workdir / 'checkpoints', keep=run.keep_checkpoints, keep_period=keep_period)
   state, data_state = _initial_state(trainer, run, checkpoints, config.seed, mesh)
   start = int(jax.device_get(state.step))
+  if start >= total_steps:
+    checkpoints.close()
+    if jax.process_index() == 0:
+      print(f'The run in {workdir} is complete (step {start} of {total_steps}); nothing to train. Evaluate '
+            'it with --mode=eval, or train longer with a larger --config.epochs.', flush=True)
+    return TrainResult(state=state, trainer=trainer, completed=True, trained_steps=0)
   pipeline = InputPipeline(source, pipe_settings, num_steps=total_steps, start_step=start,
                            sharding=batch_sharding(mesh) if run.parallel == 'shard_map' else None)
   if data_state is not None:
@@ -299,6 +248,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> TrainResult:
     step = start
     while step < total_steps:
       state, metrics = train_step(state, next(pipeline))
+      if step == start:
+        log.start_clock(start)      # the step is compiled: speed and ETA from here
       step += 1
       log.add(step, metrics)
       end_of_epoch = step % steps_per_epoch == 0
@@ -318,4 +269,4 @@ def train_and_evaluate(config, workdir: str | pathlib.Path) -> TrainResult:
   checkpoints.close()
   pipeline.close()
   log.close()
-  return TrainResult(state=state, trainer=trainer, completed=step == total_steps)
+  return TrainResult(state=state, trainer=trainer, completed=step == total_steps, trained_steps=step - start)

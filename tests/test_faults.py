@@ -1,0 +1,197 @@
+"""A run nothing can break: one run per workdir, resume past a damaged checkpoint, logs cut back on
+resume, a finished run left alone, and one sentence (exit code 2) for each mistake a user can make.
+
+The refusals run `python -m udi_jax.main` in a subprocess on the tiny training config: each stops before
+anything is compiled, in about two seconds. The resume tests work on copies of the shared tiny run with
+the step replaced by a donating identity (nothing to compile).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+from absl import logging
+
+from tests import tiny_train_config
+from tests.helpers import (checkpoint_steps, finish, identity_step, metrics_by_step, restore, start,
+                           state_handed_to_the_step)
+from udi_jax.errors import UserError
+from udi_jax.train import loop
+from udi_jax.train import workdir as workdir_lock
+from udi_jax.train.checkpoint import Checkpoints, restore_run
+from udi_jax.train.workdir import held_workdir
+
+
+def refusal(process) -> str:
+  """The one-sentence refusal of a `udi_jax.main` subprocess (exit code 2, a line of output at most two)."""
+  code, out, err = finish(process, timeout=120)
+  lines = (out + err).strip().splitlines()
+  assert code == 2 and len(lines) <= 2, out + err
+  assert lines[-1].startswith(('Config error: ', 'Error: ')), lines
+  return lines[-1]
+
+
+# ---- One run per workdir.
+
+def test_a_second_run_is_refused_while_the_first_holds_the_workdir(tmp_path):
+  run = tmp_path / 'run'
+  with held_workdir(run):
+    holder = json.loads((run / 'run.lock').read_text())
+    assert holder['pid'] == os.getpid() and holder['host'] == socket.gethostname()
+    sentence = refusal(start(run))
+  assert f'is in use by another run (process {os.getpid()} on host {socket.gethostname()}' in sentence
+  assert f'delete {run / "run.lock"}' in sentence
+  assert not (run / 'run.lock').exists() and not (run / 'checkpoints').exists()
+
+
+def test_a_stale_lock_is_taken_over_and_a_lock_of_another_host_is_not(tmp_path, caplog):
+  gone = subprocess.Popen(['true'])
+  gone.wait()
+  reused = {'pid': os.getpid(), 'process_start': 'an earlier process with this pid'}
+  for stale in ({'pid': gone.pid}, reused):
+    run = tmp_path / str(stale['pid'])
+    run.mkdir()
+    (run / 'run.lock').write_text(json.dumps({'host': socket.gethostname(), **stale}))
+    with caplog.at_level(logging.WARNING), held_workdir(run):
+      assert json.loads((run / 'run.lock').read_text())['process_start'] != 'an earlier process with this pid'
+    assert any(f'Taking over the stale lock {run / "run.lock"}' in r.getMessage() for r in caplog.records)
+    assert not (run / 'run.lock').exists()
+  (tmp_path / 'run.lock').write_text(json.dumps({'host': 'elsewhere', 'pid': gone.pid}))
+  with pytest.raises(UserError, match=f'in use by another run \\(process {gone.pid} on host elsewhere'):
+    with held_workdir(tmp_path):
+      pass
+  assert (tmp_path / 'run.lock').exists()          # not ours: left alone
+
+
+def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+  (tmp_path / 'afile').write_text('')
+  sentence = refusal(start(tmp_path / 'afile' / 'run'))
+  assert sentence == (f'Error: The workdir {tmp_path / "afile" / "run"} cannot be created: {tmp_path / "afile"} '
+                      'is a file, not a directory; choose another --workdir.')
+
+  def read_only(*args, **kwargs):   # as on a read-only directory (the suite may run as root, which writes anyway)
+    raise PermissionError(13, 'Permission denied')
+  monkeypatch.setattr(workdir_lock.os, 'open', read_only)
+  with pytest.raises(UserError, match=f'The workdir {tmp_path} is not writable \\(Permission denied\\)'):
+    with held_workdir(tmp_path):
+      pass
+
+
+# ---- One sentence, exit code 2, before anything runs.
+
+@pytest.mark.parametrize('overrides,words', [
+    (['--config.data.source=tfds:nosuchdataset:train'], "tfds does not know the dataset 'nosuchdataset'"),
+    (['--config.data.source=tfds:mnist:train', '--config.data.data_dir={tmp}'],
+     "The tfds dataset 'mnist' is not prepared in {tmp}; prepare it with `tfds build mnist"),
+    (['--config.optim.lrr=1e-3'], 'config.optim.lrr is not a field of tests/tiny_train_config.py (did you mean '
+                                  'config.optim.lr?)'),
+    (['--config.data.source=imagefolder:{tmp}/nothing'], 'The image folder {tmp}/nothing does not exist'),
+    (['--config.data.source=imagefolder:{tmp}'], 'The image folder {tmp} holds no images'),
+    (['--config.init_from=torch:{tmp}/bad.pth'], '{tmp}/bad.pth is not a PyTorch checkpoint: it is corrupt'),
+    (['--config.init_from={tmp}/nothing'], 'config.init_from={tmp}/nothing is neither a workdir nor'),
+])
+def test_each_mistake_is_one_sentence_with_exit_code_2(tmp_path, overrides, words):
+  (tmp_path / 'bad.pth').write_bytes(b'\x80\x02 not a torch file')
+  sentence = refusal(start(tmp_path / 'run', *[o.format(tmp=tmp_path) for o in overrides]))
+  assert words.format(tmp=tmp_path) in sentence
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_evaluating_a_checkpoint_that_does_not_exist_lists_those_that_do(tiny_run):
+  _, workdir = tiny_run
+  sentence = refusal(start(workdir, '--mode=eval', '--config.eval.checkpoint=999999'))
+  assert sentence == (f'Error: There is no checkpoint of step 999999 in {workdir / "checkpoints"}; the steps '
+                      f'there are {checkpoint_steps(workdir)}.')
+
+
+# ---- Resume.
+
+def copy_of(run, to, steps=None):
+  """A copy of a run's workdir (only the checkpoints of `steps`, default all), without its report."""
+  shutil.copytree(run, to, ignore=lambda d, names: [n for n in names if n in ('eval', 'export') or (
+      steps is not None and d.endswith('checkpoints') and n.isdigit() and int(n) not in steps)])
+  return to
+
+
+def damage(run, step):
+  """Truncates the largest data file of a checkpoint's state to half, deletes the second largest."""
+  files = sorted((p for p in (run / 'checkpoints' / str(step) / 'state').rglob('*') if p.parent.name == 'd'),
+                 key=lambda p: p.stat().st_size)
+  with open(files[-1], 'r+b') as f:
+    f.truncate(files[-1].stat().st_size // 2)
+  files[-2].unlink()
+
+
+def events_steps(run) -> list[int]:
+  from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+  return [e.step for path in sorted(run.glob('events.out.tfevents.*')) for e in EventFileLoader(str(path)).Load()]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_cuts_the_logs_back(tiny_run, tmp_path, monkeypatch,
+                                                                          capsys):
+  """The newest checkpoint (12) lost a file and another is truncated: resume takes step 11, bitwise as
+  saved, moves 12 aside and says why; the logs of step 12 written before are cut, so it appears once."""
+  config, reference = tiny_run
+  run = copy_of(reference, tmp_path / 'run')
+  damage(run, 12)
+  assert 'damaged (OUT_OF_RANGE' in Checkpoints(run / 'checkpoints').damage(12)
+  assert max(events_steps(run)) == 12
+  config = tiny_train_config.get_config()
+  state = state_handed_to_the_step(config, run, monkeypatch)     # the identity step "trains" step 12
+  out = capsys.readouterr().out
+  assert 'Skipped the checkpoint of step 12: a file of its state is damaged' in out
+  assert f'moved it to {run / "damaged_checkpoints" / "12"}' in out and 'Resuming from the checkpoint of step 11' in out
+  want, _ = restore(reference, config, 11)
+  assert int(state.step) == 11
+  jax.tree.map(np.testing.assert_array_equal, state, want)
+  assert (run / 'damaged_checkpoints' / '12' / 'state').is_dir() and checkpoint_steps(run)[-1] == 12
+  rows = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if r['step'] == 12 and 'loss' in r] == [12] and rows[-1]['loss'] == 0
+  assert events_steps(run).count(12) == len([k for k in rows[-1] if k != 'step'])   # the new line's only
+
+
+def test_no_restorable_checkpoint_is_refused_naming_each(tiny_run, tmp_path):
+  config, reference = tiny_run
+  run = copy_of(reference, tmp_path / 'run', steps=(11, 12))
+  damage(run, 11)
+  shutil.rmtree(run / 'checkpoints' / '12' / 'data')
+  with pytest.raises(UserError, match=r'No checkpoint in .* can be restored \(step 12: data/metadata is missing '
+                                      r'or not JSON; step 11: a file of its state is damaged'):
+    restore_run(run, config=config)
+
+
+def test_a_finished_run_says_so_and_trains_nothing(tiny_run, tmp_path, monkeypatch, capsys):
+  config, reference = tiny_run
+  run = copy_of(reference, tmp_path / 'run', steps=(12,))
+
+  def no_step(*args, **kwargs):
+    raise AssertionError('a finished run compiled its step')
+  monkeypatch.setattr(loop, 'make_train_step', no_step)
+  result = loop.train_and_evaluate(tiny_train_config.get_config(), run)
+  assert result.completed and result.trained_steps == 0
+  assert f'The run in {run} is complete (step 12 of 12); nothing to train.' in capsys.readouterr().out
+
+
+def test_speed_and_eta_leave_the_compilation_out(tmp_path, monkeypatch):
+  """The first call of the step compiles it (here: a 2-second sleep in an identity step); the first
+  logged speed is that of the steps, not of the compilation."""
+  def compiling_identity(*args, **kwargs):
+    step_fn, calls = identity_step(*args, **kwargs), []
+
+    def step(state, batch):
+      if not calls:
+        time.sleep(2.0)
+      calls.append(1)
+      return step_fn(state, batch)
+    return step
+  monkeypatch.setattr(loop, 'make_train_step', compiling_identity)
+  config = tiny_train_config.get_config()
+  config.epochs = 1
+  loop.train_and_evaluate(config, tmp_path)
+  assert metrics_by_step(tmp_path)[1]['images_per_s'] > config.batch_size / 0.5    # not 16 / 2 s

@@ -1,0 +1,44 @@
+"""The metrics log on its own: written without TensorFlow, counts summed and the rest averaged over a log
+line's steps, a non-finite value named, and the logs cut back to a step."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import metrics_by_step
+from udi_jax.train import metrics_log
+
+
+def metrics(loss, skipped=0):
+  return {'loss': np.float32(loss), 'loss/cls': np.float32(loss), 'lr': np.float32(1e-3),
+          'teacher_temp': np.float32(0.04), 'skipped_images': np.float32(skipped)}
+
+
+def test_without_tensorflow_metrics_go_to_the_jsonl_file_and_nan_still_stops(tmp_path, monkeypatch, capsys):
+  """clu's writers cannot be imported without TensorFlow (as on an accelerator image that lacks it): the
+  run keeps metrics.jsonl and the progress line, writes no TensorBoard events, and still stops on NaN.
+  `skipped_images` is a count: summed over the steps of a line, where the other metrics are averaged."""
+  def no_tensorflow():
+    raise ImportError("No module named 'tensorflow'")
+  monkeypatch.setattr(metrics_log, 'clu_writers', no_tensorflow)
+  log = metrics_log.MetricsLog(tmp_path, total_steps=4, steps_per_epoch=2, batch_size=8, start=0,
+                               log_every_steps=2)
+  log.add(1, metrics(1.0, skipped=1))
+  log.add(2, metrics(2.0, skipped=2))
+  log.flush(2, None)
+  line = metrics_by_step(tmp_path)[2]
+  assert line['loss'] == 1.5 and line['skipped_images'] == 3 and not list(tmp_path.glob('events.out.tfevents.*'))
+  assert capsys.readouterr().out.startswith('step 2/4 (epoch 0) loss 1.5000 [cls 1.500]')
+  log.add(3, metrics(np.nan))
+  with pytest.raises(FloatingPointError, match='Non-finite loss at step 3'):
+    log.flush(3, 2)
+  log.close()
+
+
+def test_the_metrics_file_is_cut_back_to_a_step(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': s, 'loss': s}) + '\n' for s in (1, 2, 2, 3, 4)))
+  assert metrics_log.cut_metrics_file(path, 2) == 2
+  assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 2, 2]
+  assert metrics_log.cut_metrics_file(path, 2) == 0 and metrics_log.cut_metrics_file(tmp_path / 'none', 2) == 0
