@@ -57,5 +57,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.train_source = f'{dataset}:train'
   config.eval.test_source = f'{dataset}:test'
   config.eval.tokens = ('cls', 'cls_plus', 'concat')
+  config.eval.resize_ratio = 1.0           # the 28-px digits at their own size (256/224 blurs them)
   config.eval.report = True                # k-NN table and pictures after training
   return config

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.batch_size = 1024                 # global batch, over all devices and processes
   config.epochs = 300
+  config.max_steps = 0                     # > 0: stop after this many steps (the schedules still span epochs)
   config.parallel = 'shard_map'            # or 'pmap' (one process only)
 
   config.model = ml_collections.ConfigDict()
@@ -93,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.knn_ks = (10, 20, 100, 200)
   config.eval.knn_every_epochs = 0         # > 0: k-NN during training every N epochs
   config.eval.batch_size = 256             # global, feature extraction
+  config.eval.resize_ratio = 256 / 224     # shorter side to crop x this, then the centre crop (official)
   config.eval.max_train_examples = 0       # > 0: the first N only (quicker k-NN during training)
   config.eval.max_test_examples = 0
   config.eval.protocols = ('knn', 'linear', 'lowshot')     # --mode=eval

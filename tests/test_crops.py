@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from udi_jax.data.crops import (CropSettings, box_relative_to, multi_crop, normalised_box,
+from udi_jax.data.crops import (CropSettings, box_relative_to, cut, multi_crop, normalised_box,
                                 random_resized_box, union_reference)
 
 
@@ -96,6 +96,27 @@ def test_crop_pixels_are_the_image_resampled_over_the_box():
       worst = max(worst, err_r, err_g)
   print('worst interior difference (0..255 units):', worst)
   assert worst <= 1.5
+
+
+def test_crops_are_cut_then_resized_as_torchvision_does_in_the_official_code():
+  """Bitwise torchvision's `resized_crop` (PIL: crop, then bicubic resize) on MNIST digits; resizing the
+  whole image over the box instead, as this project once did, reads pixels beyond the crop's border."""
+  import torchvision.transforms.functional as tvf
+  from udi_jax.data.sources import bundled, decode_image
+  digits = bundled('mnist5k')
+  rng = np.random.default_rng(0)
+  differs_from_box_resize = 0
+  for index in range(20):
+    image = decode_image(digits[index]['image'])
+    for size, scale in ((28, (0.25, 1.0)), (14, (0.05, 0.25))):
+      i, j, h, w = random_resized_box(rng, 28, 28, scale)
+      ours = cut(image, i, j, h, w, size, flip=False)
+      official = np.asarray(tvf.resized_crop(image, i, j, h, w, [size, size],
+                                             tvf.InterpolationMode.BICUBIC))
+      np.testing.assert_array_equal(ours, official)
+      box_resized = np.asarray(image.resize((size, size), Image.Resampling.BICUBIC, box=(j, i, j + w, i + h)))
+      differs_from_box_resize += int(np.any(box_resized != ours))
+  assert differs_from_box_resize > 10
 
 
 @pytest.mark.parametrize('size', [(1, 1), (3, 5), (7, 2)])

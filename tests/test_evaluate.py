@@ -27,6 +27,15 @@ def brute_force_knn(bank, bank_labels, queries, num_classes, k, temperature=0.07
   return np.array(out)
 
 
+def test_evaluation_crop_resizes_by_the_configured_ratio():
+  """256/224 (the official protocol) resizes a 28-px digit to 32 and cuts the centre 28; 1.0 keeps it."""
+  from udi_jax.data.sources import bundled, decode_image
+  image = decode_image(bundled('mnist5k')[0]['image'])
+  np.testing.assert_array_equal(features.center_crop(image, 28, 1.0), np.asarray(image))
+  expected = np.asarray(image.resize((32, 32), Image.Resampling.BICUBIC))[2:30, 2:30]
+  np.testing.assert_array_equal(features.center_crop(image, 28), expected)
+
+
 def test_knn_equals_brute_force_with_ties():
   """Random features plus exact duplicates with other labels: equal similarities (index order decides)
   and equal class scores (class id decides) both occur."""

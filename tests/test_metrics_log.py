@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from absl import logging
 
 from tests.helpers import metrics_by_step
 from udi_jax.train import metrics_log
@@ -23,7 +24,7 @@ def test_without_tensorflow_metrics_go_to_the_jsonl_file_and_nan_still_stops(tmp
     raise ImportError("No module named 'tensorflow'")
   monkeypatch.setattr(metrics_log, 'clu_writers', no_tensorflow)
   log = metrics_log.MetricsLog(tmp_path, total_steps=4, steps_per_epoch=2, batch_size=8, start=0,
-                               log_every_steps=2)
+                               log_every_steps=2, out_dim=64)
   log.add(1, metrics(1.0, skipped=1))
   log.add(2, metrics(2.0, skipped=2))
   log.flush(2, None)
@@ -42,3 +43,35 @@ def test_the_metrics_file_is_cut_back_to_a_step(tmp_path):
   assert metrics_log.cut_metrics_file(path, 2) == 2
   assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 2, 2]
   assert metrics_log.cut_metrics_file(path, 2) == 0 and metrics_log.cut_metrics_file(tmp_path / 'none', 2) == 0
+
+
+def test_a_level_at_ln_k_for_a_whole_log_line_gets_one_warning(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(metrics_log, 'clu_writers', lambda: (_ for _ in ()).throw(ImportError('no TF')))
+  log = metrics_log.MetricsLog(tmp_path, total_steps=8, steps_per_epoch=4, batch_size=8, start=0,
+                               log_every_steps=2, out_dim=64)
+  at_ln_k = np.float32(np.log(64) - 0.01)
+  with caplog.at_level(logging.WARNING):
+    for step, cls_entropy in enumerate([at_ln_k, 3.0, at_ln_k, at_ln_k, at_ln_k, at_ln_k], start=1):
+      log.add(step, {**metrics(5.0), 'teacher_entropy/cls': cls_entropy, 'teacher_entropy/patch': np.float32(3)})
+      if step % 2 == 0:
+        log.flush(step, None)
+  warnings = [r.getMessage() for r in caplog.records if 'collapsed' in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].startswith('The cls level has collapsed to a uniform output')
+  assert 'over steps 3-4' in warnings[0] and 'udi.teacher_temp' in warnings[0]
+
+
+def test_a_deliberately_collapsing_run_gets_the_warning(tmp_path, caplog):
+  """The tiny run with a teacher temperature of 5: the teacher's output is uniform from the first step, so
+  every level warns once; the collapse monitor's metrics say the same (every prototype used, logits flat)."""
+  from tests import tiny_train_config
+  from udi_jax.train.loop import train_and_evaluate
+  config = tiny_train_config.get_config()
+  config.epochs, config.log_every_steps, config.checkpoint_every_steps = 1, 2, 0
+  config.udi.teacher_temp = config.udi.warmup_teacher_temp = 5.0
+  with caplog.at_level(logging.WARNING):
+    train_and_evaluate(config, tmp_path)
+  warned = [r.getMessage().split()[1] for r in caplog.records if 'has collapsed to a uniform output' in r.getMessage()]
+  assert sorted(warned) == ['cls', 'cls_plus', 'patch']
+  last = metrics_by_step(tmp_path)[4]
+  assert min(last[f'prototypes_used/{level}'] for level in ('cls', 'cls_plus', 'patch')) > 0.99 * 64
+  assert last['teacher_entropy/cls'] > np.log(64) - 0.01 and last['logit_spread/cls'] < 0.5

@@ -6,6 +6,7 @@ Subprocess runs use the same config on 8 devices, so they compile the same step 
 compilation cache of the session) and must reproduce it.
 """
 
+import dataclasses
 import json
 import signal
 import socket
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 
 from tests import tiny_train_config
-from tests.helpers import (checkpoint_steps, compare_student, finish, init_config, metrics_by_step, restore,
-                           start, state_handed_to_the_step, wait_for_checkpoint)
+from tests.helpers import (checkpoint_steps, compare_student, finish, identity_step, init_config, metrics_by_step,
+                           restore, start, state_handed_to_the_step, wait_for_checkpoint)
 from udi_jax.train import loop
 from udi_jax.train.loop import train_and_evaluate
 
@@ -89,12 +90,30 @@ def test_resume_after_sigkill_is_exact(tiny_run, interrupted_run):
     ('--config.data.source=pictures:/x', "config.data.source='pictures:/x' is not known"),
     ('--config.model.dtype=float16', "config.model.dtype='float16' is not supported"),
     ('--config.model.depthx=4', 'config.model.depthx is not a field of tests/tiny_train_config.py'),
+    ('--config.eval.resize_ratio=0.5', 'config.eval.resize_ratio=0.5 must be at least 1'),
+    ('--config.max_steps=-1', 'config.max_steps=-1 must be 0 (the whole schedule) or positive'),
 ])
 def test_bad_config_fails_fast_with_one_sentence(tmp_path, override, message):
   code, out, err = finish(start(tmp_path / 'run', override), timeout=120)
   assert code == 2
   assert message in err and err.strip().splitlines()[-1].startswith('Config error: ')
   assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_max_steps_stops_early_with_a_checkpoint_then_the_run_resumes_to_its_end(tmp_path, monkeypatch):
+  def counting_step(*args, **kwargs):      # the identity step (nothing compiled) that counts its steps
+    step_fn = identity_step(*args, **kwargs)
+    return lambda state, batch: (lambda s, m: (dataclasses.replace(s, step=s.step + 1), m))(*step_fn(state, batch))
+  monkeypatch.setattr(loop, 'make_train_step', counting_step)
+  config = tiny_train_config.get_config()
+  config.max_steps = 2
+  result = loop.train_and_evaluate(config, tmp_path)
+  assert not result.completed and result.trained_steps == 2 and checkpoint_steps(tmp_path) == [1, 2]
+  assert sorted(metrics_by_step(tmp_path)) == [1, 2]
+  config.max_steps = 0
+  result = loop.train_and_evaluate(config, tmp_path)
+  assert result.completed and result.trained_steps == TOTAL_STEPS - 2
+  assert sorted(metrics_by_step(tmp_path)) == list(range(1, TOTAL_STEPS + 1))
 
 
 def test_every_config_has_every_field():

@@ -115,8 +115,12 @@ def union_reference(box_a: np.ndarray, box_b: np.ndarray) -> np.ndarray:
 
 
 def cut(image: Image.Image, i: int, j: int, h: int, w: int, size: int, flip: bool) -> np.ndarray:
-  """The crop's pixels resized to size x size (PIL bicubic, antialiased), flipped if asked: uint8."""
-  out = image.resize((size, size), Image.Resampling.BICUBIC, box=(j, i, j + w, i + h))
+  """The crop's pixels resized to size x size (PIL bicubic, antialiased), flipped if asked: uint8.
+
+  Cropped first, then resized, as torchvision's `resized_crop` in the official code: resizing the whole
+  image over a `box` would let the filter read pixels beyond the crop's border (up to 96/255 apart on
+  MNIST crops)."""
+  out = image.crop((j, i, j + w, i + h)).resize((size, size), Image.Resampling.BICUBIC)
   if flip:
     out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return np.asarray(out, np.uint8)

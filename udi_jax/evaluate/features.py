@@ -1,8 +1,9 @@
 """Frozen features of a backbone for evaluation (UDI_SPEC §6).
 
-Preprocessing (host, deterministic): resize the shorter side to round(crop * 256/224) with bicubic
-resampling, centre-crop `crop` (resize 256 -> centre crop 224 at the ImageNet size; the config's
-global crop size for small images), ImageNet normalisation on the device.
+Preprocessing (host, deterministic): resize the shorter side to round(crop * resize_ratio) with bicubic
+resampling, centre-crop `crop`, ImageNet normalisation on the device. The ratio is 256/224 in the
+official protocol (resize 256 -> centre crop 224 at the ImageNet size; `config.eval.resize_ratio`); 1.0
+keeps small images, e.g. 28-px digits, at their own size. `crop` is the config's global crop size.
 
 Feature kinds, all after the backbone's final norm:
 - `cls`: token 0 (z_cls), the official k-NN feature; `cls_plus`: token 1 (z_cls+); `concat`: both;
@@ -38,13 +39,12 @@ KINDS = TOKEN_KINDS + ('linear',)
 LINEAR_BLOCKS = 4
 
 
-def resize_size(crop: int) -> int:
-  return int(round(crop * 256 / 224))
+OFFICIAL_RESIZE_RATIO = 256 / 224
 
 
-def center_crop(image: Image.Image, crop: int) -> np.ndarray:
-  """Resize the shorter side to resize_size(crop) (bicubic), then cut the central crop x crop."""
-  size = resize_size(crop)
+def center_crop(image: Image.Image, crop: int, resize_ratio: float = OFFICIAL_RESIZE_RATIO) -> np.ndarray:
+  """Resize the shorter side to round(crop * resize_ratio) (bicubic), then cut the central crop x crop."""
+  size = int(round(crop * resize_ratio))
   width, height = image.size
   scale = size / min(width, height)
   new_w, new_h = max(crop, int(round(width * scale))), max(crop, int(round(height * scale)))
@@ -59,6 +59,7 @@ class EvalBatch:
   {'image' uint8 (rows, crop, crop, 3), 'label' int32, 'valid' bool (False: padding or unreadable)}."""
   source: Any
   crop: int
+  resize_ratio: float
   batch_size: int       # global
   process_index: int
   process_count: int
@@ -71,17 +72,18 @@ class EvalBatch:
     for r, index in enumerate(range(first, min(first + rows, len(self.source)))):
       record = self.source[index]
       try:
-        images[r] = center_crop(decode_image(record['image']), self.crop)
+        images[r] = center_crop(decode_image(record['image']), self.crop, self.resize_ratio)
       except UnreadableImage:
         continue
       labels[r], valid[r] = record.get('label', -1), True
     return {'image': images, 'label': labels, 'valid': valid}
 
 
-def eval_batches(source: Source, crop: int, batch_size: int, num_threads: int = 4) -> Iterable[dict]:
+def eval_batches(source: Source, crop: int, batch_size: int, resize_ratio: float = OFFICIAL_RESIZE_RATIO,
+                 num_threads: int = 4) -> Iterable[dict]:
   """This process's rows of every global batch over the whole source, in order."""
   steps = -(-len(source) // batch_size)
-  maker = EvalBatch(source, crop, batch_size, jax.process_index(), jax.process_count())
+  maker = EvalBatch(source, crop, resize_ratio, batch_size, jax.process_index(), jax.process_count())
   dataset = grain.MapDataset.range(steps).map(maker)
   return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
 
@@ -109,7 +111,8 @@ def compiled_features(nets, kinds: tuple[str, ...], mesh):
 
 
 def extract(nets, backbone_params, source: Source, crop: int, kinds: tuple[str, ...], batch_size: int,
-            desc: str = 'features') -> tuple[dict[str, np.ndarray], np.ndarray]:
+            desc: str = 'features', resize_ratio: float = OFFICIAL_RESIZE_RATIO
+            ) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Features {kind: (N, D)} and labels (N,) of every readable image of `source` (unreadable ones are
   dropped). `batch_size` is global; it is rounded up to a multiple of the device count."""
   for kind in kinds:
@@ -128,7 +131,7 @@ def extract(nets, backbone_params, source: Source, crop: int, kinds: tuple[str, 
             else np.asarray)
   collected, labels, valid = {k: [] for k in kinds}, [], []
   steps = -(-len(source) // batch_size)
-  for batch in tqdm(eval_batches(source, crop, batch_size), total=steps, desc=desc,
+  for batch in tqdm(eval_batches(source, crop, batch_size, resize_ratio), total=steps, desc=desc,
                     disable=jax.process_index() != 0, leave=False):
     images = jax.make_array_from_process_local_data(sharding, batch['image'])
     for kind, value in fn(params, images).items():

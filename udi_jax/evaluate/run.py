@@ -34,6 +34,9 @@ def check_config(config) -> None:
   unknown = [p for p in ev.protocols if p not in PROTOCOLS]
   if unknown:
     raise ValueError(f'config.eval.protocols holds {unknown}; choose from {PROTOCOLS}.')
+  if not ev.resize_ratio >= 1.0:
+    raise ValueError(f'config.eval.resize_ratio={ev.resize_ratio} must be at least 1 (256/224 in the official '
+                     'protocol; 1.0 keeps the images at the crop size).')
   if not ev.knn_ks or min(ev.knn_ks) < 1:
     raise ValueError(f'config.eval.knn_ks={tuple(ev.knn_ks)} must list positive neighbour counts.')
   for field in ('train_source', 'test_source'):
@@ -73,9 +76,9 @@ def token_kinds(config, nets: Networks) -> tuple[str, ...]:
 
 
 def knn_results(nets, backbone_params, train: Source, test: Source, config, tokens) -> dict[str, Any]:
-  crop, batch = config.data.global_size, config.eval.batch_size
-  bank, bank_labels = features.extract(nets, backbone_params, train, crop, tokens, batch, desc='k-NN bank')
-  queries, labels = features.extract(nets, backbone_params, test, crop, tokens, batch, desc='k-NN queries')
+  crop, batch, ratio = config.data.global_size, config.eval.batch_size, config.eval.resize_ratio
+  bank, bank_labels = features.extract(nets, backbone_params, train, crop, tokens, batch, 'k-NN bank', ratio)
+  queries, labels = features.extract(nets, backbone_params, test, crop, tokens, batch, 'k-NN queries', ratio)
   classes = int(max(train.num_classes, bank_labels.max() + 1, labels.max() + 1))
   return {t: knn.knn_accuracy(bank[t], bank_labels, queries[t], labels, classes, tuple(config.eval.knn_ks))
           for t in tokens}
@@ -90,8 +93,8 @@ def knn_during_training(config, nets: Networks, state) -> dict[str, Any]:
 
 def raw_pixel_knn(train: Source, test: Source, config) -> dict[str, float]:
   """The k-NN baseline on the evaluation crops' pixels."""
-  crop = config.data.global_size
-  pixels = lambda src: np.stack([features.center_crop(decode_image(src[i]['image']), crop).reshape(-1)
+  crop, ratio = config.data.global_size, config.eval.resize_ratio
+  pixels = lambda src: np.stack([features.center_crop(decode_image(src[i]['image']), crop, ratio).reshape(-1)
                                  for i in range(len(src))]).astype(np.float32)
   labels = lambda src: np.asarray([src[i]['label'] for i in range(len(src))])
   classes = int(train.num_classes)
@@ -114,10 +117,10 @@ def evaluate(config, nets: Networks, params: dict, workdir: pathlib.Path, name: 
   if 'knn' in protocols:
     results['knn'] = knn_results(nets, params['backbone'], train, test, config, tokens)
   if 'linear' in protocols or 'lowshot' in protocols:
-    crop, batch = config.data.global_size, config.eval.batch_size
+    crop, batch, ratio = config.data.global_size, config.eval.batch_size, config.eval.resize_ratio
     kinds = ('linear', CLS)             # the official probe feature; low-shot on token 0
-    train_x, train_y = features.extract(nets, params['backbone'], train, crop, kinds, batch, desc='train features')
-    test_x, test_y = features.extract(nets, params['backbone'], test, crop, kinds, batch, desc='test features')
+    train_x, train_y = features.extract(nets, params['backbone'], train, crop, kinds, batch, 'train features', ratio)
+    test_x, test_y = features.extract(nets, params['backbone'], test, crop, kinds, batch, 'test features', ratio)
     classes = int(max(train.num_classes, train_y.max() + 1))
     if 'linear' in protocols:
       settings = linear.ProbeSettings(epochs=config.eval.linear_epochs, batch_size=config.eval.linear_batch_size,
@@ -173,7 +176,8 @@ def pictures(config, nets: Networks, params: dict, workdir: pathlib.Path, count:
   _, test = eval_sources(config)
   crop = config.data.global_size
   spread = np.unique(np.linspace(0, len(test) - 1, min(count, len(test))).astype(int))   # sorted data: spread out
-  images = np.stack([features.center_crop(decode_image(test[int(i)]['image']), crop) for i in spread])
+  images = np.stack([features.center_crop(decode_image(test[int(i)]['image']), crop, config.eval.resize_ratio)
+                     for i in spread])
   directory = workdir / 'pictures'
   written = attention.draw_attention(nets, params, images, directory, seed=config.seed,
                                      window=config.udi.global_window)

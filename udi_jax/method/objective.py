@@ -157,6 +157,7 @@ class TeacherTargets:
   point_u: Optional[jax.Array] = None         # bottleneck vectors at every read-out point (2B, St, Db)
   point_mask: Optional[jax.Array] = None      # m^t (2B, St)
   patch_local: Optional[jax.Array] = None     # T2 at the local crops' points (2B, n_l, Sl, K), if needed
+  patch_logits: Optional[jax.Array] = None    # the read-outs' raw logits at the global points (2B, Sg, K)
 
 
 def teacher_targets(nets: Networks, settings: ObjectiveSettings, teacher: Params, centres: dict[str, jax.Array],
@@ -192,7 +193,7 @@ def teacher_targets(nets: Networks, settings: ObjectiveSettings, teacher: Params
   probs = {CLS: sharpen(cls_logits, CLS), PATCH: sharpen(logits[PATCH], PATCH)}
   patch_local = sharpen(logits['patch_local'], PATCH) if 'patch_local' in logits else None  # (2B, n_l, Sl, K)
   targets = TeacherTargets(cls_logits=cls_logits, probs=probs, point_u=u, point_mask=mask,
-                           patch_local=patch_local)
+                           patch_local=patch_local, patch_logits=logits[PATCH])
   if not blend:
     return targets
   plus = {}
@@ -342,10 +343,41 @@ def updated_centres(nets: Networks, settings: ObjectiveSettings, teacher_params:
   return new
 
 
+def spread_over_images(logits: jax.Array, weights: jax.Array, rows: Rows) -> jax.Array:
+  """The standard deviation of raw logits (N, K) across the batch's weighted rows (all devices),
+  averaged over the prototypes: the per-image signal, near 0 when every image looks the same."""
+  count = rows.total(weights.sum())
+  mean = rows.total(jnp.sum(logits * weights[:, None], 0)) / count
+  variance = rows.total(jnp.sum((logits - mean) ** 2 * weights[:, None], 0)) / count   # two passes: exact
+  return jnp.sqrt(variance).mean()
+
+
+def prototypes_used(probs: jax.Array, weights: jax.Array, rows: Rows) -> jax.Array:
+  """exp(entropy of the batch-mean distribution): K when all prototypes are used evenly, 1 when one is."""
+  mean = rows.total(jnp.sum(probs * weights[:, None], 0)) / rows.total(weights.sum())
+  return jnp.exp(entropy(mean))
+
+
+def collapse_monitor(nets: Networks, teacher: TeacherTargets) -> dict[str, tuple]:
+  """Per level: the teacher's (raw logits or None, probabilities, row weights), rows flattened."""
+  ones = lambda x: jnp.ones(x.shape[0], jnp.float32)
+  levels = {CLS: (teacher.cls_logits, teacher.probs[CLS], ones(teacher.cls_logits))}
+  if CLS_PLUS in nets.levels:
+    logits = teacher.plus_logits[0] if teacher.plus_logits else None
+    levels[CLS_PLUS] = (logits, teacher.probs[CLS_PLUS], ones(teacher.probs[CLS_PLUS]))
+  if PATCH in nets.levels:
+    n_global, k = teacher.probs[PATCH].shape[1], teacher.probs[PATCH].shape[-1]
+    weights = (teacher.point_mask[:, :n_global] > 0).astype(jnp.float32).reshape(-1)
+    levels[PATCH] = (teacher.patch_logits.reshape(-1, k), teacher.probs[PATCH].reshape(-1, k), weights)
+  return levels
+
+
 def health_metrics(nets: Networks, teacher: TeacherTargets, components: dict[str, jax.Array],
                    samples: Optional[Samples], rows: Rows) -> dict[str, jax.Array]:
   """Global means: the teacher's entropy per level (ln K at a collapse to uniform), KL(teacher ||
-  student) on the global rows (cross-entropy − entropy), and the fractions of valid samples."""
+  student) on the global rows (cross-entropy − entropy), and the fractions of valid samples; the collapse
+  monitor per level: the spread of the teacher's raw logits across images and the number of prototypes
+  its batch-mean distribution uses."""
   two_b = rows.total(2 * rows.batch)
   metrics = {f'teacher_entropy/{level}': rows.total(entropy(teacher.probs[level]).sum()) / two_b
              for level in TOKEN_LEVELS if level in nets.levels}
@@ -361,6 +393,10 @@ def health_metrics(nets: Networks, teacher: TeacherTargets, components: dict[str
       metrics['valid_fraction/local'] = rows.total(local_valid.sum()) / rows.total(local_valid.size)
   for level in nets.levels:
     metrics[f'kl/{level}'] = components[f'g_{level}'] - metrics[f'teacher_entropy/{level}']
+  for level, (logits, probs, weights) in collapse_monitor(nets, teacher).items():
+    metrics[f'prototypes_used/{level}'] = prototypes_used(probs, weights, rows)
+    if logits is not None:
+      metrics[f'logit_spread/{level}'] = spread_over_images(logits, weights, rows)
   return metrics
 
 

@@ -47,6 +47,7 @@ class RunSettings:
   keep_every_epochs: int
   knn_every_epochs: int
   init_from: str
+  max_steps: int
 
   @classmethod
   def from_config(cls, config, num_devices: int, num_processes: int) -> 'RunSettings':
@@ -61,6 +62,8 @@ class RunSettings:
     if config.log_every_steps <= 0 or config.checkpoint_every_steps < 0 or config.keep_checkpoints < 1:
       raise ValueError('config.log_every_steps must be positive, checkpoint_every_steps >= 0 and '
                        'keep_checkpoints >= 1.')
+    if config.max_steps < 0:
+      raise ValueError(f'config.max_steps={config.max_steps} must be 0 (the whole schedule) or positive.')
     torch_file = config.init_from[len('torch:'):] if config.init_from.startswith('torch:') else None
     if torch_file is not None and not pathlib.Path(torch_file).is_file():
       raise ValueError(f'config.init_from={config.init_from}: no such file; give torch:PATH to a .pth or '
@@ -71,7 +74,7 @@ class RunSettings:
     return cls(batch_size=config.batch_size, parallel=config.parallel, log_every_steps=config.log_every_steps,
                checkpoint_every_steps=config.checkpoint_every_steps, keep_checkpoints=config.keep_checkpoints,
                keep_every_epochs=config.keep_every_epochs, knn_every_epochs=config.eval.knn_every_epochs,
-               init_from=config.init_from)
+               init_from=config.init_from, max_steps=config.max_steps)
 
 
 def check_config(config, num_devices: int, num_processes: int = 1) -> None:
@@ -88,7 +91,7 @@ def check_config(config, num_devices: int, num_processes: int = 1) -> None:
 class TrainResult:
   state: TrainState
   trainer: Trainer
-  completed: bool            # False when a SIGTERM stopped the run early
+  completed: bool            # False when a SIGTERM or config.max_steps stopped the run early
   trained_steps: int         # by this call (0: the run was already complete)
 
 
@@ -227,33 +230,36 @@ def _train(config, workdir: pathlib.Path, run: RunSettings, pipe_settings: Pipel
   checkpoints = Checkpoints(workdir / 'checkpoints', keep=run.keep_checkpoints, keep_period=keep_period)
   state, data_state = _initial_state(trainer, run, checkpoints, config.seed, mesh)
   start = int(jax.device_get(state.step))
-  if start >= total_steps:
+  end = min(total_steps, run.max_steps) if run.max_steps else total_steps
+  if start >= end:
     checkpoints.close()
     if jax.process_index() == 0:
-      print(f'The run in {workdir} is complete (step {start} of {total_steps}); nothing to train. Evaluate '
+      print(f'The run in {workdir} is complete (step {start} of {total_steps}'
+            f'{f", config.max_steps={run.max_steps}" if end < total_steps else ""}); nothing to train. Evaluate '
             'it with --mode=eval, or train longer with a larger --config.epochs.', flush=True)
-    return TrainResult(state=state, trainer=trainer, completed=True, trained_steps=0)
+    return TrainResult(state=state, trainer=trainer, completed=start >= total_steps, trained_steps=0)
   pipeline = InputPipeline(source, pipe_settings, num_steps=total_steps, start_step=start,
                            sharding=batch_sharding(mesh) if run.parallel == 'shard_map' else None)
   if data_state is not None:
     pipeline.set_state(data_state)
   train_step = make_train_step(trainer, mesh, run.parallel)
-  log = MetricsLog(workdir, total_steps, steps_per_epoch, run.batch_size, start, run.log_every_steps)
+  log = MetricsLog(workdir, total_steps, steps_per_epoch, run.batch_size, start, run.log_every_steps,
+                   config.model.out_dim)
   if log.primary:
-    print(f'Training {total_steps} steps ({config.epochs} epochs x {steps_per_epoch}) from step {start}; '
-          f'workdir {workdir}', flush=True)
+    print(f'Training {total_steps} steps ({config.epochs} epochs x {steps_per_epoch}) from step {start}'
+          f'{f" to step {end} (config.max_steps)" if end < total_steps else ""}; workdir {workdir}', flush=True)
 
   # ---- Loop: metrics stay on the device until a log step; saves only after their steps were checked.
   with Preemption() as preemption:
     step = start
-    while step < total_steps:
+    while step < end:
       state, metrics = train_step(state, next(pipeline))
       if step == start:
         log.start_clock(start)      # the step is compiled: speed and ETA from here
       step += 1
       log.add(step, metrics)
       end_of_epoch = step % steps_per_epoch == 0
-      save = (end_of_epoch or step == total_steps
+      save = (end_of_epoch or step == end
               or (run.checkpoint_every_steps and step % run.checkpoint_every_steps == 0))
       stop = preemption.agreed(step)
       if save or stop or step % run.log_every_steps == 0:

@@ -3,12 +3,14 @@
 Process 0 writes `WORKDIR/metrics.jsonl` (one line per log step, plus a line per k-NN evaluation), the
 TensorBoard events (through clu, which needs TensorFlow: without it the events are off, with a warning)
 and the progress line. A run that resumes from step S first cuts both logs back to S: the steps after S
-that a killed run had logged are trained again, and each step then appears once.
+that a killed run had logged are trained again, and each step then appears once. A level whose teacher
+entropy stays within COLLAPSE_NATS of ln K (a uniform output) over a whole log line gets one warning.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import time
@@ -21,6 +23,7 @@ from absl import logging
 from udi_jax.models.networks import LEVELS
 
 COUNTS = ('skipped_images',)      # summed over the steps of a log line; the other metrics are averaged
+COLLAPSE_NATS = 0.05              # a level whose teacher entropy stays this close to ln K has collapsed
 
 
 def progress_line(step: int, total: int, steps_per_epoch: int, m: dict, seconds_per_step: float,
@@ -81,9 +84,10 @@ class MetricsLog:
   written to TensorBoard (clu), `metrics.jsonl` and the progress line (process 0)."""
 
   def __init__(self, workdir: pathlib.Path, total_steps: int, steps_per_epoch: int, batch_size: int,
-               start: int, log_every_steps: int):
+               start: int, log_every_steps: int, out_dim: int):
     self.workdir, self.total_steps, self.steps_per_epoch = workdir, total_steps, steps_per_epoch
     self.batch_size, self.primary = batch_size, jax.process_index() == 0
+    self.uniform_entropy, self.collapsed = math.log(out_dim), set()
     if self.primary:
       lines, events = cut_metrics_file(workdir / 'metrics.jsonl', start), cut_events_files(workdir, start)
       if lines or events:
@@ -139,7 +143,23 @@ class MetricsLog:
     if self.primary:
       print(progress_line(step, self.total_steps, self.steps_per_epoch, line, seconds_per_step,
                           self.batch_size), flush=True)
+      self.warn_of_collapse(fetched)
     self.start_clock(step)
+
+  def warn_of_collapse(self, fetched: list[tuple[int, dict]]):
+    """One warning per level whose teacher entropy stayed at ln K over all the steps of a log line."""
+    for level in LEVELS:
+      key = f'teacher_entropy/{level}'
+      if level in self.collapsed or any(key not in m for _, m in fetched):
+        continue
+      if all(m[key] >= self.uniform_entropy - COLLAPSE_NATS for _, m in fetched):
+        self.collapsed.add(level)
+        logging.warning(
+            'The %s level has collapsed to a uniform output: its teacher entropy stayed within %.2f nats of '
+            'ln K = %.2f over steps %d-%d (logit_spread/%s, the per-image signal, is in the metrics). Lower '
+            'udi.teacher_temp first; a faster EMA (udi.momentum_teacher) or a lower optim.lr may help too; '
+            'see README, Troubleshooting.', level, COLLAPSE_NATS, self.uniform_entropy, fetched[0][0],
+            fetched[-1][0], level)
 
   def close(self):
     if self.writer:
