@@ -5,7 +5,8 @@ trains into `WORKDIR/<name>/`, then the k-NN top-1 (k = 20, the demo's protocol:
 training split, 28-px digits at their own size) of the teacher's `cls`, `cls_plus` and `concat` features
 is measured at initialisation and after training, with the last logged teacher entropy per level. A
 finished recipe is not trained again. The table (`WORKDIR/recipes.md`, also printed) is the one in
-README ("The demo recipe").
+benchmarks/RESULTS.md ("Demo recipes"). `train min` is the wall time of `train_and_evaluate` (compilation
+and checkpoints included), not the k-NN afterwards.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ BASE = {'optim.lr': 2e-3, 'udi.teacher_temp': 0.04, 'udi.warmup_teacher_temp': 0
         'udi.warmup_teacher_temp_epochs': 0, 'udi.momentum_teacher': 0.99, 'model.out_dim': 1024,
         'data.local_scale': (0.05, 0.25), 'data.global_scale': (0.25, 1.0), 'udi.include_patch': True,
         'model.num_cls_tokens': 2, 'data.blur_radius': (0.1, 2.0), 'data.augment': True,
-        'model.norm_last_layer': False, 'model.depth': 4, 'epochs': 20, 'batch_size': 64}
+        'model.norm_last_layer': False, 'model.depth': 4, 'epochs': 20, 'batch_size': 64, 'data.flip_prob': 0.5}
 DINO = {'udi.include_patch': False, 'model.num_cls_tokens': 1}     # the DINO baseline (UDI_SPEC §9)
 
 # name -> (what changes, overrides of BASE), in the order they were tried.
@@ -58,8 +59,12 @@ RECIPES = {
                     {'udi.teacher_temp': 0.02, 'udi.warmup_teacher_temp': 0.02, 'udi.momentum_teacher': 0.996}),
     'tt02_depth2_e40': ('T_t 0.02, 2 blocks for 40 epochs (about the same time)',
                         {'udi.teacher_temp': 0.02, 'udi.warmup_teacher_temp': 0.02, 'model.depth': 2, 'epochs': 40}),
-    'tt02_batch32': ('T_t 0.02, batch 32 (twice the steps, the same lr per 256)',
-                     {'udi.teacher_temp': 0.02, 'udi.warmup_teacher_temp': 0.02, 'batch_size': 32}),
+    'tt02_ema996_noflip': ('T_t 0.02, EMA 0.996, no horizontal flips (a flipped digit is another shape)',
+                           {'udi.teacher_temp': 0.02, 'udi.warmup_teacher_temp': 0.02, 'udi.momentum_teacher': 0.996,
+                            'data.flip_prob': 0.0}),
+    'dino_tt02_ema996': ('plain DINO (1 token, no patch branch) with T_t 0.02, EMA 0.996',
+                         {'udi.teacher_temp': 0.02, 'udi.warmup_teacher_temp': 0.02, 'udi.momentum_teacher': 0.996,
+                          **DINO}),
 }
 
 

@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.global_scale = (0.25, 1.0)
   config.data.local_scale = (0.05, 0.25)
   config.data.fix_crop_width_bug = True    # official: False (UDI_SPEC §8.5)
+  config.data.flip_prob = 0.5              # horizontal flips of each crop (official: 0.5)
   config.data.augment = True               # photometric augmentation on the device
   config.data.blur_radius = (0.1, 2.0)     # Gaussian blur radius range (PIL semantics), at most 2
   config.data.num_workers = 8              # grain worker processes per host

@@ -92,6 +92,7 @@ def test_resume_after_sigkill_is_exact(tiny_run, interrupted_run):
     ('--config.model.depthx=4', 'config.model.depthx is not a field of tests/tiny_train_config.py'),
     ('--config.eval.resize_ratio=0.5', 'config.eval.resize_ratio=0.5 must be at least 1'),
     ('--config.max_steps=-1', 'config.max_steps=-1 must be 0 (the whole schedule) or positive'),
+    ('--config.data.flip_prob=1.5', 'config.data.flip_prob=1.5 must lie in [0, 1]'),
 ])
 def test_bad_config_fails_fast_with_one_sentence(tmp_path, override, message):
   code, out, err = finish(start(tmp_path / 'run', override), timeout=120)

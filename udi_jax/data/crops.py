@@ -39,13 +39,15 @@ class CropSettings:
       lo, hi = getattr(self, name)
       if not 0 < lo <= hi <= 1:
         raise ValueError(f'config.data.{name}={tuple(getattr(self, name))} must satisfy 0 < min <= max <= 1.')
+    if not 0 <= self.flip_prob <= 1:
+      raise ValueError(f'config.data.flip_prob={self.flip_prob} must lie in [0, 1].')
 
   @classmethod
   def from_config(cls, config) -> 'CropSettings':
     data = config.data
     return cls(global_size=data.global_size, local_size=data.local_size, num_local=data.num_local,
                global_scale=tuple(data.global_scale), local_scale=tuple(data.local_scale),
-               fix_crop_width_bug=data.fix_crop_width_bug)
+               flip_prob=data.flip_prob, fix_crop_width_bug=data.fix_crop_width_bug)
 
 
 def random_resized_box(rng: np.random.Generator, height: int, width: int,
