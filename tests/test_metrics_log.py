@@ -61,17 +61,20 @@ def test_a_level_at_ln_k_for_a_whole_log_line_gets_one_warning(tmp_path, monkeyp
 
 
 def test_a_deliberately_collapsing_run_gets_the_warning(tmp_path, caplog):
-  """The tiny run with a teacher temperature of 5: the teacher's output is uniform from the first step, so
-  every level warns once; the collapse monitor's metrics say the same (every prototype used, logits flat)."""
+  """The tiny run made to collapse: a teacher temperature of 5 makes the teacher's output uniform from the
+  first step, so the level warns once, and the monitor's metrics say the same (every prototype used, flat
+  logits). Plain DINO (one level), whose step compiles in a fraction of UDI's; the UDI levels' monitor
+  metrics are checked on the shared run (test_training_run)."""
   from tests import tiny_train_config
   from udi_jax.train.loop import train_and_evaluate
   config = tiny_train_config.get_config()
   config.epochs, config.log_every_steps, config.checkpoint_every_steps = 1, 2, 0
+  config.udi.include_patch, config.model.num_cls_tokens = False, 1
   config.udi.teacher_temp = config.udi.warmup_teacher_temp = 5.0
   with caplog.at_level(logging.WARNING):
     train_and_evaluate(config, tmp_path)
-  warned = [r.getMessage().split()[1] for r in caplog.records if 'has collapsed to a uniform output' in r.getMessage()]
-  assert sorted(warned) == ['cls', 'cls_plus', 'patch']
+  warned = [r.getMessage() for r in caplog.records if 'has collapsed to a uniform output' in r.getMessage()]
+  assert len(warned) == 1 and warned[0].startswith('The cls level has collapsed')
   last = metrics_by_step(tmp_path)[4]
-  assert min(last[f'prototypes_used/{level}'] for level in ('cls', 'cls_plus', 'patch')) > 0.99 * 64
-  assert last['teacher_entropy/cls'] > np.log(64) - 0.01 and last['logit_spread/cls'] < 0.5
+  assert last['prototypes_used/cls'] > 0.99 * 64 and last['teacher_entropy/cls'] > np.log(64) - 0.01
+  assert last['logit_spread/cls'] < 0.5

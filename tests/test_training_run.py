@@ -32,8 +32,13 @@ def test_workdir_holds_config_metrics_events_and_checkpoints(tiny_run):
   assert sorted(logged) == list(range(1, TOTAL_STEPS + 1))
   for key in ('loss', 'loss/cls', 'loss/cls_plus', 'loss/patch', 'loss/g_patch', 'teacher_entropy/cls',
               'kl/cls', 'valid_fraction/global', 'centre_norm/patch', 'lr', 'weight_decay', 'momentum',
-              'teacher_temp', 'grad_norm', 'update_norm', 'images_per_s', 'skipped_images'):
+              'teacher_temp', 'grad_norm', 'update_norm', 'images_per_s', 'skipped_images',
+              'logit_spread/cls', 'logit_spread/cls_plus', 'logit_spread/patch', 'prototypes_used/cls',
+              'prototypes_used/cls_plus', 'prototypes_used/patch'):
     assert key in logged[TOTAL_STEPS], key
+  for level in ('cls', 'cls_plus', 'patch'):          # the collapse monitor: 1 <= used <= K, spread > 0
+    assert 1 <= logged[TOTAL_STEPS][f'prototypes_used/{level}'] <= config.model.out_dim + 1e-3
+    assert logged[TOTAL_STEPS][f'logit_spread/{level}'] > 0
   assert checkpoint_steps(workdir) == list(range(1, TOTAL_STEPS + 1))
   state, data = restore(workdir, config)
   assert int(state.step) == TOTAL_STEPS and data['step'] == TOTAL_STEPS and data['epoch'] == 3
