@@ -45,7 +45,7 @@ import pytest  # noqa: E402
 # the 2-core CI machine, from `--durations=0 -n 0`: ~90, 70, 55, 50, 45, then under 30).
 LONGEST_FIRST = ('tiny_run', 'tests.test_run_anywhere', 'tests.test_training_run', 'tests.test_train_step',
                  'tests.test_models', 'tests.test_devices', 'tests.test_ablations', 'tests.test_objective_forms',
-                 'tests.test_golden_parity')
+                 'tests.test_faults', 'tests.test_golden_parity', 'tests.test_metrics_log')
 
 
 def work_unit(item) -> str:

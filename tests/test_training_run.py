@@ -8,6 +8,7 @@ compilation cache of the session) and must reproduce it.
 
 import dataclasses
 import json
+import re
 import signal
 import socket
 
@@ -95,9 +96,6 @@ def test_resume_after_sigkill_is_exact(tiny_run, interrupted_run):
     ('--config.data.source=pictures:/x', "config.data.source='pictures:/x' is not known"),
     ('--config.model.dtype=float16', "config.model.dtype='float16' is not supported"),
     ('--config.model.depthx=4', 'config.model.depthx is not a field of tests/tiny_train_config.py'),
-    ('--config.eval.resize_ratio=0.5', 'config.eval.resize_ratio=0.5 must be at least 1'),
-    ('--config.max_steps=-1', 'config.max_steps=-1 must be 0 (the whole schedule) or positive'),
-    ('--config.data.flip_prob=1.5', 'config.data.flip_prob=1.5 must lie in [0, 1]'),
 ])
 def test_bad_config_fails_fast_with_one_sentence(tmp_path, override, message):
   code, out, err = finish(start(tmp_path / 'run', override), timeout=120)
@@ -120,6 +118,24 @@ def test_max_steps_stops_early_with_a_checkpoint_then_the_run_resumes_to_its_end
   result = loop.train_and_evaluate(config, tmp_path)
   assert result.completed and result.trained_steps == TOTAL_STEPS - 2
   assert sorted(metrics_by_step(tmp_path)) == list(range(1, TOTAL_STEPS + 1))
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('eval.resize_ratio', 0.5, 'config.eval.resize_ratio=0.5 must be at least 1'),
+    ('max_steps', -1, 'config.max_steps=-1 must be 0 (the whole schedule) or positive'),
+    ('data.flip_prob', 1.5, 'config.data.flip_prob=1.5 must lie in [0, 1]'),
+])
+def test_more_bad_values_are_refused_before_anything_runs(field, value, message):
+  """The same path as above (`check_config`, which `main` turns into one line and exit code 2), in-process."""
+  from udi_jax.errors import ConfigError
+  config = tiny_train_config.get_config()
+  *parents, leaf = field.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    loop.check_config(config, num_devices=2)
 
 
 def test_every_config_has_every_field():
