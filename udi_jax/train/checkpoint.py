@@ -180,9 +180,10 @@ def restore_run(path: str | pathlib.Path, step: Optional[int] = None,
   try:
     if not checkpoints.steps():
       raise missing
-    if config is None:      # the shapes: from the newest undamaged step's config
-      readable = [s for s in checkpoints.steps() if s == step or (step is None and not checkpoints.damage(s))]
-      config = ConfigDict(checkpoints.restore_config(readable[-1] if readable else checkpoints.steps()[-1]))
+    if config is None:      # the shapes: from the requested step's config, else the newest undamaged one's
+      newest = step if step in checkpoints.steps() else next(
+          (s for s in checkpoints.steps()[::-1] if not checkpoints.damage(s)), checkpoints.steps()[-1])
+      config = ConfigDict(checkpoints.restore_config(newest))
     trainer = Trainer.from_config(config, steps_per_epoch=1)         # shapes only
     abstract = abstract_state(trainer.nets, trainer.tx, data_mesh())
     state, data_state, step, skipped = checkpoints.restore(abstract, step)
