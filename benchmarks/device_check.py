@@ -9,7 +9,8 @@ run cut short keeps what it measured), and the last line is a row for `benchmark
           against the official numbers, with the suite's tolerances (1e-5, 1e-5, 1e-4);
   step    the UDI training step (`udi_jax.benchmark.measure`): --config (ViT-S/16, bf16) at each of
           --batches per device, then doubling while it fits; --remat_config (ViT-B/16) at the first
-          batch with and without remat;
+          batch with and without remat; on a GPU where cuDNN flash attention applies (the default
+          config.model.attention='auto' takes it), the first batch again with XLA's attention;
   loop    the real training loop (grain pipeline, the compiled step, metrics, checkpoints) on
           ImageNet-size JPEGs written here, per worker-process count: images/s of the loop over the
           step alone says whether the host keeps up;
@@ -167,9 +168,20 @@ def stage_step(plan: Plan) -> dict:
     config = plan.remat_config.copy_and_resolve_references()
     config.model.remat = on
     remat['remat' if on else 'no_remat'] = timed_step(config, plan.batches[0], plan)
+  # config.model.attention='auto' takes cuDNN's flash attention where it applies; XLA's form beside it.
+  from udi_jax.models.networks import build_networks
+  from udi_jax.models.vit import cudnn_unfit_reason
+  backbone = build_networks(plan.config).backbone
+  unfit = cudnn_unfit_reason(backbone.dtype, backbone.embed_dim // backbone.num_heads)
+  kernels = {'attention_auto': 'xla' if unfit else 'cudnn', 'cudnn_unfit': unfit}
+  if plan.accelerator and not unfit:
+    config = plan.config.copy_and_resolve_references()
+    config.model.attention = 'xla'
+    print('  the same step with XLA attention instead of cuDNN:', flush=True)
+    kernels['attention_xla'] = timed_step(config, plan.batches[0], plan)
   return {'arch': plan.config.model.arch, 'dtype': plan.config.model.dtype, 'rows': rows,
           'largest_fitting': max(fitted) if fitted else None, 'remat_arch': plan.remat_config.model.arch,
-          **remat}
+          **remat, **kernels}
 
 
 def loop_config(plan: Plan, root: pathlib.Path, images: int, workers: int):

@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.shared_head = True          # one head for cls, cls+ and patch (official)
   config.model.dtype = 'bfloat16'          # compute dtype; params, softmax and losses stay float32
   config.model.remat = False               # recompute each block in the backward pass (saves memory)
+  config.model.attention = 'auto'          # auto (cuDNN flash on GPUs where it applies, else XLA) | xla | cudnn | einsum
 
   config.udi = ml_collections.ConfigDict()
   config.udi.alpha = 0.5                   # weight of the patch part in the cls+ target
@@ -86,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.blur_radius = (0.1, 2.0)     # Gaussian blur radius range (PIL semantics), at most 2
   config.data.num_workers = 8              # grain worker processes per host
   config.data.num_threads = 4              # batches built concurrently per worker
+  config.data.device_prefetch = 2          # batches on their way to the devices ahead of the step
 
   config.eval = ml_collections.ConfigDict()
   config.eval.train_source = 'tfds:imagenet2012:train'        # k-NN bank, linear/low-shot training split

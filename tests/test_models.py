@@ -9,6 +9,7 @@ from configs import vits16
 from tests.helpers import draw, init_params, random_batch, tiny_config, worst_rel
 from udi_jax.method.objective import ObjectiveSettings, init_centres, udi_objective
 from udi_jax.models.networks import build_networks
+from udi_jax.models.readout import SRSReadout
 from udi_jax.models.vit import VisionTransformer, resize_pos_embed, torch_bicubic_matrix, vit
 
 
@@ -96,6 +97,39 @@ def test_outputs_last_blocks_and_attention():
   plain = model.apply(params, images)
   assert plain.cls_blocks is None and plain.attention is None
 
+
+
+def test_attention_kernels_agree_with_the_einsum_form():
+  """jax.nn.dot_product_attention (XLA) in the backbone and in the SRS read-out (an all-zero row
+  included) gives the straightforward einsum form's values and gradients in float32 and bfloat16; 'auto'
+  is the XLA kernel on this CPU; 'cudnn' is refused here with the reason."""
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  idx = jnp.asarray(rng.integers(0, 16, size=(2, 3, 4)), jnp.int32)
+  weights = jnp.asarray(rng.dirichlet(np.ones(4), size=(2, 3)), jnp.float32).at[1, 2].set(0.0)
+  probe_cls, probe_readout = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+                              for shape in ((2, 2, 16), (2, 3, 16)))
+
+  def value_and_grads(kernel, dtype):
+    model = VisionTransformer(embed_dim=16, depth=2, num_heads=2, patch_size=8, img_size=32,
+                              dtype=dtype, attention=kernel)
+    readout = SRSReadout(num_heads=2, dtype=dtype, kernel=kernel)
+    params = {'vit': model.init(jax.random.key(0), images),
+              'readout': readout.init(jax.random.key(1), jnp.zeros((2, 16, 16)), idx, weights)}
+
+    def scalar(p):
+      out = model.apply(p['vit'], images)
+      z = readout.apply(p['readout'], out.patch, idx, weights)
+      return (out.cls.astype(jnp.float32) * probe_cls).sum() + (z.astype(jnp.float32) * probe_readout).sum()
+    return jax.jit(jax.value_and_grad(scalar))(params)
+
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+    (reference, ref_grads), (value, grads) = (value_and_grads(k, dtype) for k in ('einsum', 'xla'))
+    assert abs(float(value) - float(reference)) <= tol * abs(float(reference)), dtype
+    assert worst_rel(grads, ref_grads) < tol * 5, dtype
+  np.testing.assert_array_equal(value_and_grads('auto', jnp.float32)[0], value_and_grads('xla', jnp.float32)[0])
+  with pytest.raises(ValueError, match="attention='cudnn' cannot be used: the backend is cpu"):
+    value_and_grads('cudnn', jnp.bfloat16)
 
 def test_non_multiple_image_size_is_refused():
   model = VisionTransformer(embed_dim=16, depth=1, num_heads=2, patch_size=8, img_size=32)

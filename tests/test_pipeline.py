@@ -1,5 +1,6 @@
 """The host pipeline's contracts (DESIGN 1–4): global batches, per-example randomness, resumable state."""
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -88,12 +89,22 @@ def test_worker_processes_give_the_same_batches(digits):
 
 
 def test_batches_become_global_arrays_sharded_on_data(digits):
+  """Placed on the devices two batches ahead (the default), the same batches in order; the saved step
+  counts the batches handed out, so a resume repeats none and skips none."""
   sharding = batch_sharding(data_mesh())
-  batch = run(digits, 1, sharding=sharding)[0]
-  host = run(digits, 1)[0]
-  assert batch['global'].shape == (16, 2, 16, 16, 3) and batch['global'].sharding == sharding
-  assert len(batch['boxes'].addressable_shards) == 8
-  np.testing.assert_array_equal(np.asarray(batch['local']), host['local'])
+  host = run(digits, 4)
+  pipe = InputPipeline(digits, PipelineSettings(seed=0, global_batch=16, crops=CROPS), num_steps=4,
+                       sharding=sharding)
+  first = next(pipe)
+  assert first['global'].shape == (16, 2, 16, 16, 3) and first['global'].sharding == sharding
+  assert len(first['boxes'].addressable_shards) == 8
+  assert len(pipe._placed) == 2 and pipe.get_state()['step'] == 1
+  resumed = InputPipeline(digits, PipelineSettings(seed=0, global_batch=16, crops=CROPS, device_prefetch=0),
+                          num_steps=4, sharding=sharding)
+  resumed.set_state(pipe.get_state())
+  for placed, want in zip([first, *pipe], host):
+    assert_batches_equal([jax.tree.map(np.asarray, placed)], [want])
+  assert_batches_equal([jax.tree.map(np.asarray, b) for b in resumed], host[1:])
 
 
 def test_batch_schema(digits):

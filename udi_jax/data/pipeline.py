@@ -18,6 +18,7 @@ worker processes (`num_workers`) each build whole batches, `num_threads` batches
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Optional
@@ -40,6 +41,7 @@ class PipelineSettings:
   crops: CropSettings
   num_workers: int = 0     # grain worker processes (0: build batches in this process)
   num_threads: int = 4     # batches built concurrently per process
+  device_prefetch: int = 2  # batches put on the devices ahead of the one handed out (with a sharding)
 
 
 def batch_shapes(config, batch: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -119,8 +121,10 @@ def record_name(source: Source, index: int) -> str:
 class InputPipeline:
   """Iterator over global batches from `start_step` to `num_steps`, with a saveable state.
 
-  With `sharding` (a NamedSharding over the `data` axis) each batch is a dict of global `jax.Array`s;
-  without it, of this process's NumPy rows.
+  With `sharding` (a NamedSharding over the `data` axis) each batch is a dict of global `jax.Array`s,
+  whose transfer to the devices starts `settings.device_prefetch` batches before the batch is handed out
+  (so it overlaps the steps before it); without it, a dict of this process's NumPy rows. `step` and the
+  saved state count the batches handed out, not those prefetched.
   """
 
   def __init__(self, source: Source, settings: PipelineSettings, *, num_steps: Optional[int] = None,
@@ -148,6 +152,7 @@ class InputPipeline:
   def _start(self, step: int):
     self.close()
     self.step = step
+    self._placed = collections.deque()     # batches already on their way to the devices
     stop = self.num_steps if self.num_steps is not None else step + 10 ** 9
     maker = BatchMaker(self.source, self.order, self.settings.crops,
                        first_row=self.process_index * self.local_batch, local_batch=self.local_batch)
@@ -163,12 +168,23 @@ class InputPipeline:
     return self
 
   def __next__(self) -> dict[str, Any]:
-    batch = next(self._iterator)
+    ahead = self.settings.device_prefetch if self.sharding is not None else 0
+    while len(self._placed) <= ahead:
+      try:
+        self._placed.append(self._place(next(self._iterator)))
+      except StopIteration:
+        break
+    if not self._placed:
+      raise StopIteration
     self.step += 1
+    return self._placed.popleft()
+
+  def _place(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
     if self.settings.num_workers > 0:   # own the memory: worker batches arrive in shared memory
       batch = {k: np.array(v, copy=True) for k, v in batch.items()}
     if self.sharding is None:
       return batch
+    # Asynchronous: the copy to the devices proceeds while earlier steps run.
     return {k: jax.make_array_from_process_local_data(self.sharding, v) for k, v in batch.items()}
 
   def close(self):
@@ -198,6 +214,9 @@ def settings_from_config(config) -> PipelineSettings:
   if data.num_workers < 0 or data.num_threads < 1:
     raise ValueError(f'config.data.num_workers={data.num_workers} must be >= 0 and '
                      f'config.data.num_threads={data.num_threads} >= 1.')
+  if data.device_prefetch < 0:
+    raise ValueError(f'config.data.device_prefetch={data.device_prefetch} must be >= 0 (batches placed on the '
+                     'devices ahead of the step; 0 places each when it is needed).')
   return PipelineSettings(seed=config.seed, global_batch=config.batch_size,
                           crops=CropSettings.from_config(config), num_workers=data.num_workers,
-                          num_threads=data.num_threads)
+                          num_threads=data.num_threads, device_prefetch=data.device_prefetch)

@@ -16,7 +16,7 @@ import numpy as np
 
 from udi_jax.models.head import DINOHead
 from udi_jax.models.readout import SRSReadout
-from udi_jax.models.vit import VisionTransformer, vit
+from udi_jax.models.vit import ATTENTION_KERNELS, VisionTransformer, vit
 
 LEVELS = ('cls', 'cls_plus', 'patch')      # DESIGN contract 5; also the official order of heads and centres
 CLS, CLS_PLUS, PATCH = LEVELS
@@ -118,19 +118,21 @@ def build_networks(config) -> Networks:
     if size <= 0 or size % model.patch_size:
       raise ValueError(f'config.data.{name}={size} is not a multiple of config.model.patch_size='
                        f'{model.patch_size}; choose a multiple of it.')
+  if model.attention not in ATTENTION_KERNELS:
+    raise ValueError(f'config.model.attention={model.attention!r} is not supported; use one of '
+                     f'{ATTENTION_KERNELS}.')
   dtype = _DTYPES[model.dtype]
   sizes = {k: model.get(k) for k in ('embed_dim', 'depth', 'num_heads') if model.get(k) is not None}
   backbone = vit(model.arch, patch_size=model.patch_size, num_cls_tokens=model.num_cls_tokens,
                  img_size=config.data.global_size, drop_path_rate=model.drop_path_rate, dtype=dtype,
-                 remat=model.remat,
-                 **sizes)
+                 remat=model.remat, attention=model.attention, **sizes)
   readout = None
   if include_patch:
     heads = model.srs_num_heads or backbone.num_heads
     if backbone.embed_dim % heads:
       raise ValueError(f'config.model.srs_num_heads={heads} does not divide the width '
                        f'{backbone.embed_dim}; choose a divisor of it (0 uses the backbone heads).')
-    readout = SRSReadout(num_heads=heads, dtype=dtype)
+    readout = SRSReadout(num_heads=heads, dtype=dtype, kernel=model.attention)
   head = DINOHead(out_dim=model.out_dim, hidden_dim=model.head_hidden_dim,
                   bottleneck_dim=model.head_bottleneck_dim, norm_last_layer=model.norm_last_layer,
                   dtype=dtype)

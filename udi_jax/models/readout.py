@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from udi_jax.models.vit import dense, layer_norm
+from udi_jax.models.vit import attend, attention_probabilities_and_output, dense, layer_norm
 
 
 def gather_rows(tokens: jax.Array, idx: jax.Array, weights: jax.Array) -> jax.Array:
@@ -35,6 +35,7 @@ class AttnReadout(nn.Module):
   """Attention part of the read-out; holds `qkv`, `proj` and the post-LN `norm` (torch `backbone.attn`)."""
   num_heads: int
   dtype: Any = jnp.float32
+  kernel: str = 'auto'      # vit.ATTENTION_KERNELS
 
   @nn.compact
   def __call__(self, normed: jax.Array, idx: jax.Array, weights: jax.Array,
@@ -46,9 +47,11 @@ class AttnReadout(nn.Module):
     q = gather_rows(q_all, idx, weights).reshape(rows, -1, self.num_heads, head_dim)
     k = k.reshape(rows, num_tokens, self.num_heads, head_dim)
     v = v.reshape(rows, num_tokens, self.num_heads, head_dim)
-    logits = jnp.einsum('bshd,bnhd->bhsn', q, k) * (head_dim ** -0.5)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    out = jnp.einsum('bhsn,bnhd->bshd', attn.astype(self.dtype), v).reshape(rows, -1, width)
+    if return_attention:
+      attn, out = attention_probabilities_and_output(q, k, v)
+    else:
+      attn, out = None, attend(q, k, v, self.kernel)
+    out = out.reshape(rows, -1, width)
     residual = gather_rows(normed, idx, weights)
     readout = layer_norm('norm', self.dtype)(residual + dense(width, 'proj', self.dtype)(out))
     return (readout, attn) if return_attention else readout
@@ -59,9 +62,10 @@ class SRSReadout(nn.Module):
   and with `return_attention` also the attention (R, H, S, N) of each read-out point."""
   num_heads: int
   dtype: Any = jnp.float32
+  kernel: str = 'auto'      # vit.ATTENTION_KERNELS
 
   @nn.compact
   def __call__(self, patch_tokens: jax.Array, idx: jax.Array, weights: jax.Array,
                return_attention: bool = False):
     normed = layer_norm('norm1', self.dtype)(patch_tokens.astype(self.dtype))
-    return AttnReadout(self.num_heads, self.dtype, name='attn')(normed, idx, weights, return_attention)
+    return AttnReadout(self.num_heads, self.dtype, self.kernel, name='attn')(normed, idx, weights, return_attention)

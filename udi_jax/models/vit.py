@@ -106,21 +106,71 @@ def drop_path(x: jax.Array, rate: float, row_keys: Optional[jax.Array], salt: in
   return x * scale.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
+# Attention kernels (config.model.attention). 'einsum' is the straightforward form, and the one that can
+# return the probabilities; 'xla' is jax.nn.dot_product_attention's XLA form (softmax in float32, logits
+# accumulated in float32 for bf16); 'cudnn' is cuDNN's flash attention (NVIDIA GPUs, bf16/fp16, head dim
+# a multiple of 8 up to 128); 'auto' takes cuDNN where it applies and XLA elsewhere.
+ATTENTION_KERNELS = ('auto', 'xla', 'cudnn', 'einsum')
+
+
+def cudnn_unfit_reason(dtype: DType, head_dim: int) -> Optional[str]:
+  """Why cuDNN flash attention cannot run here with this compute dtype and head width, or None."""
+  if jax.default_backend() != 'gpu':
+    return f'the backend is {jax.default_backend()}, not an NVIDIA GPU'
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f'the compute dtype is {jnp.dtype(dtype).name}, and cuDNN flash attention takes bfloat16 or float16'
+  if head_dim % 8 or head_dim > 128:
+    return f'the head width is {head_dim}, and cuDNN flash attention takes multiples of 8 up to 128'
+  return None
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, kernel: str) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh)) v per head: q (B,T,H,Dh), k and v (B,S,H,Dh) -> (B,T,H,Dh)."""
+  if kernel not in ATTENTION_KERNELS:
+    raise ValueError(f'config.model.attention={kernel!r} is not a kernel; use one of {ATTENTION_KERNELS}.')
+  if kernel == 'einsum':
+    return attention_probabilities_and_output(q, k, v)[1]
+  if kernel == 'xla':
+    return jax.nn.dot_product_attention(q, k, v, implementation='xla')
+  reason = cudnn_unfit_reason(q.dtype, q.shape[-1])
+  if reason is None:
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+    except (NotImplementedError, RuntimeError) as e:   # a cuDNN too old for these shapes, or none found
+      reason = f'cuDNN refused: {e}'
+  if kernel == 'cudnn':
+    raise ValueError(f"config.model.attention='cudnn' cannot be used: {reason}; use 'auto' (cuDNN where it "
+                     "applies, XLA elsewhere) or 'xla'.")
+  return jax.nn.dot_product_attention(q, k, v, implementation='xla')
+
+
+def attention_probabilities_and_output(q: jax.Array, k: jax.Array, v: jax.Array):
+  """The straightforward form: probabilities (B,H,T,S) in float32 and the output (B,T,H,Dh)."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (q.shape[-1] ** -0.5)
+  attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return attn, jnp.einsum('bhqk,bkhd->bqhd', attn.astype(v.dtype), v)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (output layout [q | k | v], heads contiguous)."""
+  """Multi-head self-attention with a fused qkv projection (output layout [q | k | v], heads contiguous).
+
+  Returns the output and, with `return_attention`, the probabilities (through the einsum form)."""
   num_heads: int
   dtype: DType = jnp.float32
+  kernel: str = 'auto'
+  return_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, Optional[jax.Array]]:
     rows, length, width = x.shape
     head_dim = width // self.num_heads
     qkv = dense(3 * width, 'qkv', self.dtype)(x).reshape(rows, length, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * (head_dim ** -0.5)
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    out = jnp.einsum('bhqk,bkhd->bqhd', attn.astype(self.dtype), v).reshape(rows, length, width)
-    return dense(width, 'proj', self.dtype)(out), attn
+    if self.return_attention:
+      attn, out = attention_probabilities_and_output(q, k, v)
+    else:
+      attn, out = None, attend(q, k, v, self.kernel)
+    return dense(width, 'proj', self.dtype)(out.reshape(rows, length, width)), attn
 
 
 class Mlp(nn.Module):
@@ -138,10 +188,13 @@ class Block(nn.Module):
   mlp_ratio: float
   drop_path_rate: float
   dtype: DType = jnp.float32
+  attention: str = 'auto'
+  return_attention: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, row_keys: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    y, attn = Attention(self.num_heads, self.dtype, name='attn')(layer_norm('norm1', self.dtype)(x))
+  def __call__(self, x: jax.Array, row_keys: Optional[jax.Array]) -> tuple[jax.Array, Optional[jax.Array]]:
+    y, attn = Attention(self.num_heads, self.dtype, self.attention, self.return_attention,
+                        name='attn')(layer_norm('norm1', self.dtype)(x))
     x = x + drop_path(y, self.drop_path_rate, row_keys, salt=0)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, name='mlp')(layer_norm('norm2', self.dtype)(x))
     x = x + drop_path(y, self.drop_path_rate, row_keys, salt=1)
@@ -190,6 +243,7 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   dtype: DType = jnp.float32
   remat: bool = False     # recompute each block's activations in the backward pass
+  attention: str = 'auto'  # the kernel: one of ATTENTION_KERNELS
 
   @nn.compact
   def __call__(self, images: jax.Array, *, drop_path_keys: Optional[jax.Array] = None,
@@ -219,8 +273,8 @@ class VisionTransformer(nn.Module):
     attn = None
     block = nn.remat(Block) if self.remat else Block
     for i in range(self.depth):
-      x, attn = block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype,
-                      name=f'blocks_{i}')(x, block_keys(i))
+      x, attn = block(self.num_heads, self.mlp_ratio, float(rates[i]), self.dtype, self.attention,
+                      return_attention and i == self.depth - 1, name=f'blocks_{i}')(x, block_keys(i))
       if self.depth - i <= return_last_blocks:
         cls_blocks.append(norm(x[:, :self.num_cls_tokens]))
     t = self.num_cls_tokens
@@ -228,7 +282,7 @@ class VisionTransformer(nn.Module):
         cls=norm(x[:, :t]),
         patch=x[:, t:],
         cls_blocks=jnp.stack(cls_blocks, axis=1) if return_last_blocks else None,
-        attention=attn if return_attention else None)
+        attention=attn)
 
 
 def vit(arch: str, **overrides) -> VisionTransformer:
