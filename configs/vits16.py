@@ -108,6 +108,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.lowshot_fractions = (0.01, 0.1)
   config.eval.lowshot_split_dir = ''       # SimCLRv2 1percent.txt / 10percent.txt (ImageFolder sources)
   config.eval.report = False               # after training: k-NN table vs raw pixels and init, pictures
+  # Dense protocols ('dense_linear', 'dense_knn' in protocols) and diagnostics ('diagnostics').
+  config.eval.dense_source = ''            # segdigits[:SEED] | segfolder:ROOT | tfds:scene_parse150
+  config.eval.dense_num_classes = 0        # segfolder / tfds: class ids 0..N-1 (255 = ignore); ADE20K raw: 151
+  config.eval.dense_size = 0               # evaluation crop side (a multiple of the patch); 0 = data.global_size
+  config.eval.dense_blocks = 1             # patch tokens of the last block, or 4: the last four concatenated
+  config.eval.dense_max_train_examples = 0  # > 0: the first N only (the training features are held in memory)
+  config.eval.dense_max_test_examples = 0
+  config.eval.dense_linear_epochs = 20
+  config.eval.dense_linear_lr = 1e-2       # AdamW, cosine
+  config.eval.dense_linear_batch_size = 16  # images per step
+  config.eval.dense_knn_k = 20
+  config.eval.dense_knn_bank = 200_000     # training patches kept in the k-NN bank (a seeded subsample)
+  config.eval.diagnostics_examples = 2048  # test images for RankMe, CKA and the teacher's levels (0: all)
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000     # also at the end of every epoch

@@ -78,7 +78,8 @@ def tiny_run(tmp_path_factory):
   from udi_jax.evaluate.report import final_report
   from udi_jax.train.loop import train_and_evaluate
   config = tiny_train_config.get_config()
-  config.eval.knn_every_epochs = 1        # k-NN during training, logged
+  config.eval.knn_every_epochs = 1        # k-NN during training, logged, with the diagnostics
+  config.eval.protocols = ('knn', 'diagnostics')
   config.eval.tokens = ('cls', 'cls_plus', 'concat')
   workdir = tmp_path_factory.mktemp('tiny_run')
   result = train_and_evaluate(config, str(workdir))

@@ -190,6 +190,8 @@ def test_two_point_sweep_resumes_and_writes_table_and_plot(tiny_run, tmp_path, m
   assert (tmp_path / 'plot.png').stat().st_size > 1000
   result = json.loads((tmp_path / 'points' / 'linear_lr=0.02' / 'result.json').read_text())
   assert 0 <= result['knn_top1'] <= 100 and 0 <= result['linear_top1'] <= 100
+  assert 0 < result['dense_linear_miou'] <= 100 and 0 < result['dense_knn_miou'] <= 100   # segdigits
+  assert '| dense linear mIoU % | dense k-NN mIoU % |' in table.splitlines()[0]
 
 
 def test_grid_syntax(tmp_path):

@@ -130,6 +130,7 @@ def test_knn_during_training_is_logged(tiny_run):
   knn_rows = [r for r in rows if 'knn/cls/top1@20' in r]
   assert [r['step'] for r in knn_rows] == [4, 8, 12]
   assert all(0.0 <= r['knn/cls_plus/top1@20'] <= 100.0 for r in knn_rows)
+  assert all(1 <= r['diag/prototypes_used/patch'] <= 64 and 1 < r['diag/rankme/cls_plus'] for r in knn_rows)
 
 
 def test_report_writes_the_table_and_pictures(tiny_run):
@@ -141,6 +142,16 @@ def test_report_writes_the_table_and_pictures(tiny_run):
       ('initialisation', 'concat'), ('pretrained teacher', 'cls'), ('pretrained teacher', 'cls_plus'),
       ('pretrained teacher', 'concat')]
   assert '| raw pixels | - |' in table
+  dense_rows = json.loads((workdir / 'eval' / 'dense_table.json').read_text())['rows']
+  assert [r['features'] for r in dense_rows] == ['initialisation', 'pretrained teacher']
+  for row in dense_rows:
+    assert row['dense']['train_examples'] == 48 and row['dense']['val_examples'] == 16
+    assert all(0 < row['dense'][p]['miou'] <= 100 for p in ('dense_linear', 'dense_knn'))
+    levels = row['diagnostics']['teacher']
+    assert set(levels) == {'cls', 'cls_plus', 'patch'}
+    assert all(1 <= v['prototypes_used'] <= 64 and 0 < v['entropy'] <= np.log(64) + 1e-4 for v in levels.values())
+    assert 1 < row['diagnostics']['rankme']['cls'] <= 32 and -1e-6 <= row['diagnostics']['cka_cls_cls_plus'] <= 1
+  assert 'linear mIoU % | k-NN mIoU %' in (workdir / 'eval' / 'dense_table.md').read_text()
   for name in ('attention_cls.png', 'attention_cls_plus.png', 'readout_attention.png', 'training_curves.png'):
     with Image.open(workdir / 'pictures' / name) as image:
       assert image.size[0] > 200 and image.size[1] > 100, name
@@ -150,11 +161,14 @@ def test_evaluating_a_checkpoint_writes_json(tiny_run, tmp_path):
   from udi_jax import main
   config, workdir = tiny_run
   config = config.copy_and_resolve_references()
-  config.eval.protocols = ('knn', 'linear', 'lowshot')
+  config.eval.protocols = ('knn', 'linear', 'lowshot', 'dense_linear', 'dense_knn', 'diagnostics')
   config.eval.checkpoint = str(workdir)
   results = main.evaluate_checkpoint(config, tmp_path)
   written = json.loads((tmp_path / 'eval' / 'step12_teacher.json').read_text())
-  assert set(written) >= {'knn', 'linear', 'lowshot', 'train_examples', 'test_examples'}
+  assert set(written) >= {'knn', 'linear', 'lowshot', 'dense', 'diagnostics', 'train_examples', 'test_examples'}
+  report = json.loads((workdir / 'eval' / 'dense_table.json').read_text())['rows'][1]
+  assert written['dense']['dense_knn']['miou'] == pytest.approx(report['dense']['dense_knn']['miou'])
+  assert written['diagnostics']['rankme'] == pytest.approx(report['diagnostics']['rankme'])
   assert written['knn']['cls']['top1@20'] == pytest.approx(results['knn']['cls']['top1@20'])
   assert written['test_examples'] == 128 and 0 <= written['linear']['top1'] <= 100
 

@@ -85,7 +85,9 @@ def test_colab_notebook_runs_end_to_end_on_the_cpu(tmp_path):
   nbclient = pytest.importorskip('nbclient')
   notebook = nbformat.read(REPO / 'launch' / 'colab.ipynb', as_version=4)
   shortened = ('--config.epochs=1 --config.data.max_examples=512 --config.eval.max_train_examples=600 '
-               '--config.eval.max_test_examples=200')
+               '--config.eval.max_test_examples=200 --config.eval.dense_max_train_examples=96 '
+               '--config.eval.dense_max_test_examples=32 --config.eval.diagnostics_examples=128 '
+               '--config.eval.dense_linear_epochs=5')
   workdir = tmp_path / 'colab_demo'
   settings = {'UDI_REPO': str(REPO), 'UDI_DEMO_ARGS': shortened, 'UDI_WORKDIR': str(workdir)}
   client = nbclient.NotebookClient(notebook, timeout=900, kernel_name='python3',
@@ -95,9 +97,10 @@ def test_colab_notebook_runs_end_to_end_on_the_cpu(tmp_path):
   assert not [o for o in outputs if o.get('output_type') == 'error']
   text = ''.join(o.get('text', '') for o in outputs)
   tables = [o['data']['text/markdown'] for o in outputs if 'text/markdown' in o.get('data', {})]
-  assert len(tables) == 1, tables                              # the k-NN table, shown as markdown
+  assert len(tables) == 2, tables                              # the k-NN and dense tables, as markdown
   for row in ('| raw pixels | - |', '| initialisation | cls |', '| pretrained teacher | cls_plus |'):
     assert row in tables[0], (row, tables[0])
+  assert 'Dense: segdigits (96 training, 32 validation crops of 56 px, 11 classes)' in tables[1], tables[1]
   assert sum('image/png' in o.get('data', {}) for o in outputs) == 4
   assert 'model.load_state_dict(' in text
   assert (workdir / 'export' / 'udi_demo_timm.safetensors').is_file()
@@ -159,17 +162,26 @@ def abstract_step_inputs(config, trainer, devices: int, rows_per_device: int = 2
   return mesh, abstract_state(trainer.nets, trainer.tx, mesh), batch
 
 
-def test_analytic_flops_of_the_released_recipe_agree_with_xla(vit_s16):
-  """The analytic count (matmuls and attention, DESIGN contract 11) of ViT-S/16 with 2x224 + 10x96 is the
-  documented 137.1 GFLOP per image and step, and lies within 5 % below XLA's count of the real step
-  (lowered from abstract shapes, nothing allocated), which adds the element-wise work. Forgetting the
-  backward pass or the teacher would fall far outside."""
-  from udi_jax.benchmark import udi_flops_per_image, xla_flops
+@pytest.fixture(scope='module')
+def released_step(vit_s16):
+  """The whole shard_map step as launched (state donated) on 2 devices, 2 rows each, with its abstract
+  inputs: one step function, so that the FLOP count and the exports share its trace."""
   from udi_jax.train.step import make_train_step
   config, trainer = vit_s16
+  mesh, state, batch = abstract_step_inputs(config, trainer, devices=2)
+  return make_train_step(trainer, mesh, donate=True), state, batch
+
+
+def test_analytic_flops_of_the_released_recipe_agree_with_xla(vit_s16, released_step):
+  """The analytic count (matmuls and attention, DESIGN contract 11) of ViT-S/16 with 2x224 + 10x96 is the
+  documented 137.1 GFLOP per image and step, and lies within 5 % below XLA's count of the real step
+  (lowered from abstract shapes, nothing allocated; per device, 2 images), which adds the element-wise
+  work. Forgetting the backward pass or the teacher would fall far outside."""
+  from udi_jax.benchmark import udi_flops_per_image, xla_flops
+  config, _ = vit_s16
+  step, state, batch = released_step
   analytic = udi_flops_per_image(config)
-  mesh, state, batch = abstract_step_inputs(config, trainer, devices=1)
-  xla = xla_flops(make_train_step(trainer, mesh).lower(state, batch)) / 2
+  xla = xla_flops(step.lower(state, batch)) / 2
   print(f'ViT-S/16, 2x224 + 10x96, GFLOP per image and step: analytic {analytic / 1e9:.1f}, XLA {xla / 1e9:.1f}')
   assert round(analytic / 1e9, 1) == 137.1
   assert 0.95 * xla <= analytic <= xla
@@ -193,12 +205,9 @@ def portability_problems(fn, *args) -> list[str]:
   return problems + ([f'custom calls {calls}'] if calls else [])
 
 
-def test_training_step_lowers_for_gpu_and_tpu(vit_s16):
+def test_training_step_lowers_for_gpu_and_tpu(released_step):
   """The whole shard_map step as launched (state donated, bf16, ViT-S/16, 2x224 + 10x96) on 2 devices."""
-  from udi_jax.train.step import make_train_step
-  config, trainer = vit_s16
-  mesh, state, batch = abstract_step_inputs(config, trainer, devices=2)
-  assert portability_problems(make_train_step(trainer, mesh, donate=True), state, batch) == []
+  assert portability_problems(*released_step) == []
 
 
 def test_feature_extractor_lowers_for_gpu_and_tpu(vit_s16):

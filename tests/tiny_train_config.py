@@ -42,4 +42,10 @@ def get_config(arg=None):
   config.eval.batch_size = 64
   config.eval.linear_epochs = 20
   config.eval.report = False               # the shared run (conftest) writes the report itself
+  config.eval.dense_size = 16               # segdigits (the demo's dense source) at a 4x4 token grid
+  config.eval.dense_max_train_examples = 48
+  config.eval.dense_max_test_examples = 16
+  config.eval.dense_linear_epochs = 2
+  config.eval.dense_linear_batch_size = 16
+  config.eval.diagnostics_examples = 64
   return config

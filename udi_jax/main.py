@@ -122,9 +122,9 @@ def evaluate_checkpoint(config, workdir: pathlib.Path) -> dict:
   params = evaluation.evaluated_network(config, restored.state)
   name = f'step{restored.step}_{config.eval.network}'
   results = evaluation.evaluate(config, restored.trainer.nets, params, workdir, name,
-                                tuple(config.eval.protocols))
+                                tuple(config.eval.protocols), centres=restored.state.centres)
   if jax.process_index() == 0:
-    summary = {k: results[k] for k in ('knn', 'linear', 'lowshot') if k in results}
+    summary = {k: results[k] for k in ('knn', 'linear', 'lowshot', 'dense', 'diagnostics') if k in results}
     print(json.dumps(summary, indent=1, default=float)[:4000])
     print(f'Results: {workdir / "eval" / (name + ".json")}', flush=True)
   return results

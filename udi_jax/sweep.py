@@ -6,9 +6,10 @@ as a union, e.g. one factor at a time around the defaults:
 (`udi.alpha`) or a unique leaf name (`alpha`); values are parsed to the field's type.
 
 Each point trains into `SWEEP/points/<name>/` (resuming from its checkpoints if interrupted), is evaluated
-(`config.eval.tokens` k-NN on the test split, and the linear probe), and writes `result.json`; finished
+(`config.eval.tokens` k-NN on the test split, the linear probe, and with `config.eval.dense_source` the dense
+linear and k-NN mIoU), and writes `result.json`; finished
 points are skipped when the sweep is run again. Then `SWEEP/table.csv`, `table.md` (mean and standard
-deviation over seeds) and `plot.png` (k-NN and linear accuracy per setting) are written. Points run
+deviation over seeds) and `plot.png` (every column per setting) are written. Points run
 sequentially here; on a cluster run one `--only=NAME` per job through the launchers.
 """
 
@@ -28,6 +29,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+# The columns of the table, where every point has them (the dense ones with config.eval.dense_source).
+METRICS = {'knn_top1': 'k-NN top-1 %', 'linear_top1': 'linear top-1 %', 'dense_linear_miou': 'dense linear mIoU %',
+           'dense_knn_miou': 'dense k-NN mIoU %'}
 
 
 def _leaf_paths(config, prefix=''):
@@ -125,12 +129,16 @@ def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[st
   trained = train_and_evaluate(config, str(directory))
   nets = trained.trainer.nets
   network = jax.device_get(evaluation.evaluated_network(config, trained.state))
-  results = evaluation.evaluate(config, nets, network, directory, 'final', protocols=('knn', 'linear'))
+  protocols = ('knn', 'linear') + (evaluation.DENSE_PROTOCOLS if config.eval.dense_source else ())
+  results = evaluation.evaluate(config, nets, network, directory, 'final', protocols=protocols,
+                                centres=jax.device_get(trained.state.centres))
   k = evaluation.reported_k(config)
   token = evaluation.token_kinds(config, nets)[0]
   result = {'name': point_name(point), 'point': dict(point), 'knn_top1': results['knn'][token][f'top1@{k}'],
             'knn_token': token, 'k': k, 'linear_top1': results['linear']['top1'],
             'linear_best_top1': results['linear']['best_top1'], 'minutes': round((time.time() - started) / 60, 2)}
+  if 'dense' in results:
+    result.update({f'{p}_miou': results['dense'][p]['miou'] for p in evaluation.DENSE_PROTOCOLS})
   if jax.process_index() == 0:
     result_path.write_text(json.dumps(result, indent=2))
   return result
@@ -138,26 +146,26 @@ def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[st
 
 def summarise(results: list[dict[str, Any]], directory: pathlib.Path) -> str:
   """table.csv (every point), table.md (mean and sd over seeds per setting), plot.png."""
+  metrics = [m for m in METRICS if all(m in r for r in results)]
   with open(directory / 'table.csv', 'w', newline='') as f:
-    fields = sorted({k for r in results for k in r['point']}) + ['knn_top1', 'linear_top1', 'minutes']
-    writer = csv.DictWriter(f, fieldnames=fields)
+    point_fields = sorted({k for r in results for k in r['point']})
+    writer = csv.DictWriter(f, fieldnames=point_fields + metrics + ['minutes'])
     writer.writeheader()
     for r in results:
-      writer.writerow({**{k: r['point'].get(k, '') for k in fields[:-3]}, 'knn_top1': r['knn_top1'],
-                       'linear_top1': r['linear_top1'], 'minutes': r['minutes']})
+      writer.writerow({**{k: r['point'].get(k, '') for k in point_fields}, **{m: r[m] for m in metrics},
+                       'minutes': r['minutes']})
   groups: dict[str, list] = {}
   for r in results:
     setting = point_name({k: v for k, v in r['point'].items() if k != 'seed'})
     groups.setdefault(setting, []).append(r)
   sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0
-  lines = ['| setting | seeds | k-NN top-1 % | linear top-1 % |', '|---|---|---|---|']
+  lines = ['| setting | seeds | ' + ' | '.join(METRICS[m] for m in metrics) + ' |', '|---|---|' + '---|' * len(metrics)]
   rows = []
   for setting, members in groups.items():
-    knn = [m['knn_top1'] for m in members]
-    lin = [m['linear_top1'] for m in members]
-    rows.append((setting, statistics.mean(knn), sd(knn), statistics.mean(lin), sd(lin)))
-    lines.append(f'| {setting} | {len(members)} | {statistics.mean(knn):.1f} ± {sd(knn):.1f} | '
-                 f'{statistics.mean(lin):.1f} ± {sd(lin):.1f} |')
+    values = [[m[metric] for m in members] for metric in metrics]
+    rows.append((setting, [(statistics.mean(v), sd(v)) for v in values]))
+    lines.append(f'| {setting} | {len(members)} | ' +
+                 ' | '.join(f'{statistics.mean(v):.1f} ± {sd(v):.1f}' for v in values) + ' |')
   table = '\n'.join(lines)
   (directory / 'table.md').write_text(table + '\n')
   import matplotlib
@@ -165,11 +173,13 @@ def summarise(results: list[dict[str, Any]], directory: pathlib.Path) -> str:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 3.5))
   x = range(len(rows))
-  ax.errorbar([i - 0.1 for i in x], [r[1] for r in rows], yerr=[r[2] for r in rows], fmt='o', label='k-NN')
-  ax.errorbar([i + 0.1 for i in x], [r[3] for r in rows], yerr=[r[4] for r in rows], fmt='s', label='linear')
+  for j, (metric, marker) in enumerate(zip(metrics, 'os^v')):
+    offset = 0.2 * (j - (len(metrics) - 1) / 2)
+    ax.errorbar([i + offset for i in x], [r[1][j][0] for r in rows], yerr=[r[1][j][1] for r in rows],
+                fmt=marker, label=METRICS[metric].replace(' %', ''))
   ax.set_xticks(list(x))
   ax.set_xticklabels([r[0] for r in rows], rotation=30, ha='right', fontsize=7)
-  ax.set_ylabel('top-1 %')
+  ax.set_ylabel('%')
   ax.legend()
   fig.tight_layout()
   fig.savefig(directory / 'plot.png', dpi=110)

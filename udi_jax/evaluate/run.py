@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
 
+from udi_jax.data import segmentation
 from udi_jax.data.sources import Source, check_spec, decode_image, limit, open_source
 from udi_jax.errors import config_errors
-from udi_jax.evaluate import attention, features, knn, linear
-from udi_jax.models.networks import CLS, Networks
+from udi_jax.evaluate import attention, dense, diagnostics, features, knn, linear
+from udi_jax.models.networks import CLS, CLS_PLUS, Networks
 
-PROTOCOLS = ('knn', 'linear', 'lowshot')
+DENSE_PROTOCOLS = ('dense_linear', 'dense_knn')
+PROTOCOLS = ('knn', 'linear', 'lowshot') + DENSE_PROTOCOLS + ('diagnostics',)
 NETWORKS = ('teacher', 'student')
 
 
@@ -42,6 +44,19 @@ def check_config(config) -> None:
   for field in ('train_source', 'test_source'):
     if ev[field]:
       check_spec(ev[field], f'config.eval.{field}')
+  dense_asked = [p for p in ev.protocols if p in DENSE_PROTOCOLS]
+  if dense_asked and not ev.dense_source:
+    raise ValueError(f'config.eval.protocols holds {dense_asked}, which need config.eval.dense_source '
+                     f'({segmentation.FORMS}).')
+  if ev.dense_source:
+    segmentation.check_spec(ev.dense_source)
+  if ev.dense_blocks not in (1, 4):
+    raise ValueError(f'config.eval.dense_blocks={ev.dense_blocks} is not supported; use 1 (the last block) or '
+                     '4 (the last four, concatenated).')
+  size = ev.dense_size or config.data.global_size
+  if size % config.model.patch_size:
+    raise ValueError(f'config.eval.dense_size={size} is not a multiple of config.model.patch_size='
+                     f'{config.model.patch_size}; choose a multiple of it.')
 
 
 def evaluated_network(config, state) -> dict:
@@ -75,20 +90,87 @@ def token_kinds(config, nets: Networks) -> tuple[str, ...]:
   return tokens
 
 
-def knn_results(nets, backbone_params, train: Source, test: Source, config, tokens) -> dict[str, Any]:
+def knn_results(nets, backbone_params, train: Source, test: Source, config, tokens,
+                with_features: bool = False):
+  """{token: k-NN accuracies}; with `with_features` also the test split's features {kind: (N, D)}."""
   crop, batch, ratio = config.data.global_size, config.eval.batch_size, config.eval.resize_ratio
   bank, bank_labels = features.extract(nets, backbone_params, train, crop, tokens, batch, 'k-NN bank', ratio)
   queries, labels = features.extract(nets, backbone_params, test, crop, tokens, batch, 'k-NN queries', ratio)
   classes = int(max(train.num_classes, bank_labels.max() + 1, labels.max() + 1))
-  return {t: knn.knn_accuracy(bank[t], bank_labels, queries[t], labels, classes, tuple(config.eval.knn_ks))
-          for t in tokens}
+  results = {t: knn.knn_accuracy(bank[t], bank_labels, queries[t], labels, classes, tuple(config.eval.knn_ks))
+             for t in tokens}
+  return (results, queries) if with_features else results
 
 
-def knn_during_training(config, nets: Networks, state) -> dict[str, Any]:
-  """k-NN of the evaluated network of a TrainState, per token (`config.eval.knn_every_epochs`)."""
+def dense_sources(config) -> tuple[Any, Any]:
+  """The training and validation splits of config.eval.dense_source, limited by dense_max_*_examples."""
+  ev = config.eval
+  counts = (ev.dense_max_train_examples or None, ev.dense_max_test_examples or None)
+  with config_errors():   # (segdigits makes only the examples used; the others are read lazily)
+    opened = [segmentation.open_segmentation(ev.dense_source, split, config.data.data_dir or None,
+                                             ev.dense_num_classes, count)
+              for split, count in zip(segmentation.SPLITS, counts)]
+  return (limit(opened[0], ev.dense_max_train_examples), limit(opened[1], ev.dense_max_test_examples))
+
+
+def dense_results(config, nets: Networks, backbone_params, protocols=DENSE_PROTOCOLS) -> dict[str, Any]:
+  """The dense protocols on frozen patch tokens (`dense.py`): {'dense_linear', 'dense_knn', counts}."""
+  ev = config.eval
+  train, test = dense_sources(config)
+  size, blocks, batch = ev.dense_size or config.data.global_size, ev.dense_blocks, ev.batch_size
+  train_x, train_m, skipped_train = dense.extract(nets, backbone_params, train, size, batch, blocks,
+                                                  'dense training features')
+  test_x, test_m, skipped_test = dense.extract(nets, backbone_params, test, size, batch, blocks,
+                                               'dense validation features')
+  classes = int(train.num_classes)
+  out: dict[str, Any] = {'source': ev.dense_source, 'size': size, 'blocks': blocks, 'classes': classes,
+                         'train_examples': len(train_x), 'val_examples': len(test_x),
+                         'skipped_examples': skipped_train + skipped_test}
+  if 'dense_linear' in protocols:
+    settings = dense.DenseProbeSettings(epochs=ev.dense_linear_epochs, batch_size=ev.dense_linear_batch_size,
+                                        lr=ev.dense_linear_lr, seed=config.seed)
+    out['dense_linear'] = dense.train_linear(train_x, train_m, test_x, test_m, classes, settings)
+  if 'dense_knn' in protocols:
+    out['dense_knn'] = dense.knn_segment(train_x, train_m, test_x, test_m, classes, nets.backbone.patch_size,
+                                         k=ev.dense_knn_k, bank_size=ev.dense_knn_bank, seed=config.seed)
+  return out
+
+
+def diagnostics_results(config, nets: Networks, params: dict, centres: Optional[dict], test: Source,
+                        token_features: Optional[dict] = None) -> dict[str, Any]:
+  """RankMe per class token, CKA(token 0, token 1), and the teacher's entropy and prototypes used per
+  level, on the first config.eval.diagnostics_examples images of the test split."""
+  count = min(len(test), config.eval.diagnostics_examples or len(test))
+  crop, ratio = config.data.global_size, config.eval.resize_ratio
+  kinds = (CLS, CLS_PLUS) if nets.backbone.num_cls_tokens > 1 else (CLS,)
+  if token_features is None or any(k not in token_features for k in kinds):
+    token_features, _ = features.extract(nets, params['backbone'], limit(test, count), crop, kinds,
+                                         config.eval.batch_size, 'diagnostics features', ratio)
+  feats = {k: token_features[k][:count] for k in kinds}
+  out: dict[str, Any] = {'examples': count, 'rankme': {k: diagnostics.rankme(v) for k, v in feats.items()}}
+  if CLS_PLUS in feats:
+    out['cka_cls_cls_plus'] = diagnostics.linear_cka(feats[CLS], feats[CLS_PLUS])
+  images = np.stack([features.center_crop(decode_image(test[i]['image']), crop, ratio) for i in range(count)])
+  out['teacher'] = diagnostics.teacher_levels(config, nets, params, centres, images)
+  return out
+
+
+def knn_during_training(config, nets: Networks, state) -> tuple[dict[str, Any], dict[str, float]]:
+  """k-NN of the evaluated network of a TrainState, per token (`config.eval.knn_every_epochs`), and with
+  'diagnostics' in config.eval.protocols the scalars of `diagnostics_results` as {'diag/...': value}."""
   train, test = eval_sources(config)
-  backbone = evaluated_network(config, state)['backbone']
-  return knn_results(nets, backbone, train, test, config, token_kinds(config, nets))
+  network = evaluated_network(config, state)
+  results, test_features = knn_results(nets, network['backbone'], train, test, config, token_kinds(config, nets),
+                                       with_features=True)
+  if 'diagnostics' not in config.eval.protocols:
+    return results, {}
+  found = diagnostics_results(config, nets, network, state.centres, test, test_features)
+  scalars = {f'diag/rankme/{k}': v for k, v in found['rankme'].items()}
+  if 'cka_cls_cls_plus' in found:
+    scalars['diag/cka_cls_cls_plus'] = found['cka_cls_cls_plus']
+  for level, values in found['teacher'].items():
+    scalars.update({f'diag/{name}/{level}': v for name, v in values.items()})
+  return results, scalars
 
 
 def raw_pixel_knn(train: Source, test: Source, config) -> dict[str, float]:
@@ -103,8 +185,9 @@ def raw_pixel_knn(train: Source, test: Source, config) -> dict[str, float]:
 
 
 def evaluate(config, nets: Networks, params: dict, workdir: pathlib.Path, name: str,
-             protocols=PROTOCOLS) -> dict[str, Any]:
-  """Runs the protocols on one network's params; writes eval/<name>.json; returns the results."""
+             protocols=PROTOCOLS, centres: Optional[dict] = None) -> dict[str, Any]:
+  """Runs the protocols on one network's params (with the run's `centres` for the diagnostics); writes
+  eval/<name>.json; returns the results."""
   unknown = [p for p in protocols if p not in PROTOCOLS]
   if unknown:
     raise ValueError(f'Unknown evaluation protocols {unknown}; choose from {PROTOCOLS}.')
@@ -134,6 +217,10 @@ def evaluate(config, nets: Networks, params: dict, workdir: pathlib.Path, name: 
       results['lowshot'] = linear.lowshot(train_x[CLS], train_y, test_x[CLS], test_y,
                                           tuple(config.eval.lowshot_fractions), seed=config.seed,
                                           split_files=split_files, names=getattr(train, 'paths', None))
+  if set(protocols) & set(DENSE_PROTOCOLS):
+    results['dense'] = dense_results(config, nets, params['backbone'], protocols)
+  if 'diagnostics' in protocols:
+    results['diagnostics'] = diagnostics_results(config, nets, params, centres, test)
   results['seconds'] = round(time.time() - started, 1)
   write_json(workdir / 'eval' / f'{name}.json', results)
   return results
@@ -147,14 +234,15 @@ def write_json(path: pathlib.Path, payload: dict):
 
 
 def comparison_table(config, nets: Networks, init_params: dict, trained_params: dict,
-                     workdir: pathlib.Path) -> tuple[str, dict]:
-  """The demo's k-NN table: raw pixels, the network at initialisation, the trained network per token."""
+                     workdir: pathlib.Path) -> tuple[str, dict, dict]:
+  """The demo's k-NN table: raw pixels, the network at initialisation, the trained network per token.
+  Returns (markdown, payload, the test split's features {'init', 'trained'} for the diagnostics)."""
   train, test = eval_sources(config)
   tokens = token_kinds(config, nets)
   k = reported_k(config)
   rows = [('raw pixels', '-', raw_pixel_knn(train, test, config))]
-  init = knn_results(nets, init_params['backbone'], train, test, config, tokens)
-  trained = knn_results(nets, trained_params['backbone'], train, test, config, tokens)
+  init, init_features = knn_results(nets, init_params['backbone'], train, test, config, tokens, True)
+  trained, trained_features = knn_results(nets, trained_params['backbone'], train, test, config, tokens, True)
   rows += [('initialisation', t, init[t]) for t in tokens]
   rows += [(f'pretrained {config.eval.network}', t, trained[t]) for t in tokens]
   lines = [f'k-NN on {config.eval.test_source} ({len(test)} images; bank {config.eval.train_source}, '
@@ -166,6 +254,48 @@ def comparison_table(config, nets: Networks, init_params: dict, trained_params: 
   write_json(workdir / 'eval' / 'knn_table.json', payload)
   if jax.process_index() == 0:
     (workdir / 'eval' / 'knn_table.md').write_text(table + '\n')
+  return table, payload, {'init': init_features, 'trained': trained_features}
+
+
+def dense_table(config, nets: Networks, init_params: dict, trained_params: dict, centres: Optional[dict],
+                workdir: pathlib.Path, test_features: Optional[dict] = None) -> tuple[str, dict]:
+  """The report's dense table: the dense protocols (with config.eval.dense_source) and the diagnostics of
+  the network at initialisation and trained (`centres`: the run's; zero at initialisation)."""
+  _, test = eval_sources(config)
+  test_features = test_features or {}
+  rows = []
+  for what, params, run_centres, key in (('initialisation', init_params, None, 'init'),
+                                         (f'pretrained {config.eval.network}', trained_params, centres, 'trained')):
+    row: dict[str, Any] = {'features': what}
+    if config.eval.dense_source:
+      row['dense'] = dense_results(config, nets, params['backbone'])
+    row['diagnostics'] = diagnostics_results(config, nets, params, run_centres, test, test_features.get(key))
+    rows.append(row)
+  levels = list(rows[0]['diagnostics']['teacher'])
+  per_level = lambda d, field: ' / '.join(f'{d["teacher"][lv][field]:.2f}' for lv in levels)
+  ranks = lambda d: ' / '.join(f'{v:.1f}' for v in d['rankme'].values())
+  dense_cells = lambda r: (f'{r["dense"]["dense_linear"]["miou"]:.1f} | {r["dense"]["dense_knn"]["miou"]:.1f} | '
+                           if 'dense' in r else '')
+  header = ('| features | ' + ('linear mIoU % | k-NN mIoU % | ' if config.eval.dense_source else '') +
+            f'RankMe {" / ".join(rows[0]["diagnostics"]["rankme"])} | CKA cls, cls_plus | prototypes used '
+            f'({" / ".join(levels)}) | teacher entropy ({" / ".join(levels)}) |')
+  lines = []
+  if config.eval.dense_source:
+    d = rows[0]['dense']
+    lines += [f'Dense: {d["source"]} ({d["train_examples"]} training, {d["val_examples"]} validation crops of '
+              f'{d["size"]} px, {d["classes"]} classes); diagnostics on {rows[0]["diagnostics"]["examples"]} '
+              f'images of {config.eval.test_source}; ln K = {np.log(config.model.out_dim):.2f}', '']
+  lines += [header, '|' + '---|' * header.count(' | ') + '---|']
+  for r in rows:
+    d = r['diagnostics']
+    cka = f'{d["cka_cls_cls_plus"]:.2f}' if 'cka_cls_cls_plus' in d else '-'
+    lines.append(f'| {r["features"]} | {dense_cells(r)}{ranks(d)} | {cka} | {per_level(d, "prototypes_used")} | '
+                 f'{per_level(d, "entropy")} |')
+  table = '\n'.join(lines)
+  payload = {'rows': rows}
+  write_json(workdir / 'eval' / 'dense_table.json', payload)
+  if jax.process_index() == 0:
+    (workdir / 'eval' / 'dense_table.md').write_text(table + '\n')
   return table, payload
 
 

@@ -225,10 +225,11 @@ class ViTOutput:
   patch: jax.Array                        # (R, N, D) last-block patch tokens BEFORE the final norm
   cls_blocks: Optional[jax.Array] = None  # (R, k, T, D) class tokens of the last k blocks, each normed
   attention: Optional[jax.Array] = None   # (R, H, T+N, T+N) last block's attention probabilities
+  patch_blocks: Optional[jax.Array] = None  # (R, k, N, D) patch tokens of the last k blocks, each normed
 
 
-jax.tree_util.register_dataclass(ViTOutput, data_fields=['cls', 'patch', 'cls_blocks', 'attention'],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(ViTOutput, data_fields=['cls', 'patch', 'cls_blocks', 'attention',
+                                                         'patch_blocks'], meta_fields=[])
 
 
 class VisionTransformer(nn.Module):
@@ -247,7 +248,8 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, drop_path_keys: Optional[jax.Array] = None,
-               return_last_blocks: int = 0, return_attention: bool = False) -> ViTOutput:
+               return_last_blocks: int = 0, return_attention: bool = False,
+               return_patch_blocks: int = 0) -> ViTOutput:
     """images (R, H, W, 3) normalised floats; drop_path_keys (R,) keys, or None for no drop path."""
     rows, height, width, _ = images.shape
     if height % self.patch_size or width % self.patch_size:
@@ -269,7 +271,7 @@ class VisionTransformer(nn.Module):
     rates = np.linspace(0.0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
     block_keys = lambda i: (None if drop_path_keys is None
                             else jax.vmap(jax.random.fold_in, (0, None))(drop_path_keys, i))
-    cls_blocks = []
+    cls_blocks, patch_blocks = [], []
     attn = None
     block = nn.remat(Block) if self.remat else Block
     for i in range(self.depth):
@@ -277,12 +279,15 @@ class VisionTransformer(nn.Module):
                       return_attention and i == self.depth - 1, name=f'blocks_{i}')(x, block_keys(i))
       if self.depth - i <= return_last_blocks:
         cls_blocks.append(norm(x[:, :self.num_cls_tokens]))
+      if self.depth - i <= return_patch_blocks:
+        patch_blocks.append(norm(x[:, self.num_cls_tokens:]))
     t = self.num_cls_tokens
     return ViTOutput(
         cls=norm(x[:, :t]),
         patch=x[:, t:],
         cls_blocks=jnp.stack(cls_blocks, axis=1) if return_last_blocks else None,
-        attention=attn)
+        attention=attn,
+        patch_blocks=jnp.stack(patch_blocks, axis=1) if return_patch_blocks else None)
 
 
 def vit(arch: str, **overrides) -> VisionTransformer:

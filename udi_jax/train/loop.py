@@ -182,8 +182,8 @@ def _initial_state(trainer: Trainer, run: RunSettings, checkpoints: Checkpoints,
 
 
 def _knn_now(config, nets, state: TrainState, step: int, log: MetricsLog):
-  results = evaluation.knn_during_training(config, nets, state)
-  log.write(step, {f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()})
+  results, diagnosed = evaluation.knn_during_training(config, nets, state)
+  log.write(step, {**{f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()}, **diagnosed})
   if log.primary:
     k = evaluation.reported_k(config)
     print(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}' for t, r in results.items()),
