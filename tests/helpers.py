@@ -126,12 +126,11 @@ def centre_table(out_dim: int, seed: int = 2) -> np.ndarray:
 
 # ---- Subprocess runs of `python -m udi_jax.main` on the tiny training config.
 
-def env(devices: int, session_flags: bool = True) -> dict:
+def env(devices: int) -> dict:
   """The environment of a subprocess: `devices` CPU devices, this session's compilation cache, and this
-  session's other XLA flags (the same compiled programs as in this process), or none of them
-  (`session_flags=False`: programs as a user's run compiles them)."""
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if session_flags
-           and not f.startswith('--xla_force_host_platform_device_count')]
+  session's other XLA flags (the same compiled programs as in this process)."""
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
+           if not f.startswith('--xla_force_host_platform_device_count')]
   e = dict(os.environ)
   e.update(XLA_FLAGS=' '.join([f'--xla_force_host_platform_device_count={devices}'] + flags),
            JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(jax.config.jax_compilation_cache_dir),

@@ -155,3 +155,19 @@ def test_segfolder_refuses_a_wrong_layout_and_skips_bad_files(tmp_path, caplog):
   assert 'corrupt.png' in caplog.text and 'class ids [20] outside 0..4' in caplog.text
   with pytest.raises(ValueError, match="is not a segmentation source"):
     segmentation.check_spec('segfolder')
+
+
+def test_tfds_segmentation_source_reads_scene_parse150_records():
+  """Through tfds (mock records of scene_parse150's features: random sizes, random ids up to 255)."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  from udi_jax.data.sources import UnreadableImage, decode_image
+  with tfds.testing.mock_data(num_examples=3):
+    source = segmentation.open_segmentation('tfds:scene_parse150', 'validation', num_classes=255)
+    record = source[0]
+    image, mask = decode_image(record['image']), segmentation.decode_mask(record['mask'], 255)
+    assert len(source) == 3 and source.mask_key == 'annotation' and mask.mode == 'L'
+    if image.size != mask.size:     # mock sizes are independent; real pairs match
+      with pytest.raises(UnreadableImage, match='differ in size'):
+        segmentation.read_pair(record, 16, 255)
+    with pytest.raises(UnreadableImage, match=r'class ids \[151, .* outside 0..150'):
+      segmentation.decode_mask(record['mask'], 151)

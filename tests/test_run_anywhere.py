@@ -92,7 +92,7 @@ def test_colab_notebook_runs_end_to_end_on_the_cpu(tmp_path):
   settings = {'UDI_REPO': str(REPO), 'UDI_DEMO_ARGS': shortened, 'UDI_WORKDIR': str(workdir)}
   client = nbclient.NotebookClient(notebook, timeout=900, kernel_name='python3',
                                    resources={'metadata': {'path': str(tmp_path)}})
-  client.execute(env={**env(1, session_flags=False), **settings})   # as .ci/run's demo: its compiled programs
+  client.execute(env={**env(1), **settings})   # the flags of .ci/run's demo: its compiled programs
   outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
   assert not [o for o in outputs if o.get('output_type') == 'error']
   text = ''.join(o.get('text', '') for o in outputs)
