@@ -42,17 +42,24 @@ import pytest  # noqa: E402
 
 
 # The costliest work units first, so that the two workers finish together (seconds of one unit alone on
-# the 2-core CI machine, from `--durations=0 -n 0`: ~90, 70, 55, 50, 45, then under 30).
-LONGEST_FIRST = ('tiny_run', 'tests.test_run_anywhere', 'tests.test_training_run', 'tests.test_train_step',
-                 'tests.test_models', 'tests.test_devices', 'tests.test_ablations', 'tests.test_objective_forms',
-                 'tests.test_faults', 'tests.test_golden_parity', 'tests.test_metrics_log')
+# the 2-core CI machine, cold: ~60, 45, 40 for the three subprocess tests marked slow, each its own unit so
+# that they can run on different workers; then the shared run's tests and the modules, ~90 to 30).
+LONGEST_FIRST = ('test_device_check_runs_every_stage_on_the_cpu', 'test_colab_notebook_runs_end_to_end_on_the_cpu',
+                 'test_two_processes_over_localhost_equal_one_process', 'tiny_run', 'tests.test_run_anywhere',
+                 'tests.test_training_run', 'tests.test_train_step', 'tests.test_models', 'tests.test_devices',
+                 'tests.test_ablations', 'tests.test_objective_forms', 'tests.test_faults',
+                 'tests.test_golden_parity', 'tests.test_metrics_log')
 
 
 def work_unit(item) -> str:
   """The pytest-xdist work unit of a test (`--dist loadgroup`): every test that uses the shared run goes to
-  one worker, so the run is trained once; the other tests of a module stay together, so module fixtures
-  are built once."""
-  return 'tiny_run' if 'tiny_run' in getattr(item, 'fixturenames', ()) else item.module.__name__
+  one worker, so the run is trained once; a test marked slow (a subprocess of its own, no shared fixture)
+  is a unit alone; the other tests of a module stay together, so module fixtures are built once."""
+  if 'tiny_run' in getattr(item, 'fixturenames', ()):
+    return 'tiny_run'
+  if item.get_closest_marker('slow') is not None:
+    return item.name
+  return item.module.__name__
 
 
 def pytest_itemcollected(item):

@@ -117,6 +117,7 @@ def test_benchmark_prints_every_figure_on_the_cpu():
     assert figure in line[0], (figure, line[0])
 
 
+@pytest.mark.slow
 def test_device_check_runs_every_stage_on_the_cpu(tmp_path):
   """benchmarks/device_check.py as a device session runs it, at the tiny size: every stage measures,
   parity passes, and the JSON and the RESULTS.md row agree."""

@@ -192,6 +192,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_over_localhost_equal_one_process(tmp_path):
   """2 processes x 4 devices (gloo collectives) vs 1 process x 8 devices (this one), every step. Multi-host
   concerns the input split, the collectives and the checkpoints, not the network: a one-block ViT without
