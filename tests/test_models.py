@@ -133,6 +133,28 @@ def test_attention_kernels_agree_with_the_einsum_form():
   with pytest.raises(ValueError, match="attention='cudnn' cannot be used: the backend is cpu"):
     value_and_grads('cudnn', jnp.bfloat16, run=False)
 
+
+def test_layer_norm_equals_flax_two_pass_form():
+  """The written-out LayerNorm (faster on XLA's CPU backend) against flax's two-pass LayerNorm: values
+  and gradients in float32, and the bfloat16 output."""
+  import flax.linen as nn
+  from udi_jax.models.vit import LN_EPS, layer_norm
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(3.0, 2.0, size=(4, 7, 48)), jnp.float32)
+  probe = jnp.asarray(rng.normal(size=(4, 7, 48)), jnp.float32)
+  params = {'scale': jnp.asarray(rng.normal(1.0, 0.1, size=48), jnp.float32),
+            'bias': jnp.asarray(rng.normal(size=48), jnp.float32)}
+  for dtype, tol in ((jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)):
+    ours = layer_norm('norm', dtype)
+    flax_form = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, dtype=dtype)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == \
+        jax.tree.map(jnp.shape, flax_form.init(jax.random.key(0), x))
+    value = lambda module: lambda p, v: (module.apply({'params': p}, v).astype(jnp.float32) * probe).sum()
+    (a, ga), (b, gb) = (jax.value_and_grad(value(m), argnums=(0, 1))(params, x) for m in (ours, flax_form))
+    assert ours.apply({'params': params}, x).dtype == dtype
+    assert abs(float(a) - float(b)) <= tol * abs(float(b))
+    assert worst_rel(ga, gb) < tol * 10, dtype
+
 def test_non_multiple_image_size_is_refused():
   model = VisionTransformer(embed_dim=16, depth=1, num_heads=2, patch_size=8, img_size=32)
   params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
