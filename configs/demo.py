@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.global_size = 28
   config.data.local_size = 14
   config.data.num_local = 4
+  config.data.canvas_size = 28             # the digits' side (with crops on the device)
   config.data.num_workers = 0
   config.data.num_threads = 2
 

@@ -88,6 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.num_workers = 8              # grain worker processes per host
   config.data.num_threads = 4              # batches built concurrently per worker
   config.data.device_prefetch = 2          # batches on their way to the devices ahead of the step
+  config.data.crops_on = 'auto'            # crop geometry: host | device | auto (device on GPU/TPU, host on CPU)
+  config.data.canvas_size = 512            # device crops: images fitted in S x S (ImageNet's mostly unreduced)
 
   config.eval = ml_collections.ConfigDict()
   config.eval.train_source = 'tfds:imagenet2012:train'        # k-NN bank, linear/low-shot training split

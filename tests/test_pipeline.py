@@ -1,5 +1,7 @@
 """The host pipeline's contracts (DESIGN 1–4): global batches, per-example randomness, resumable state."""
 
+import dataclasses
+
 import jax
 import ml_collections
 import numpy as np
@@ -108,13 +110,29 @@ def test_batches_become_global_arrays_sharded_on_data(digits):
 
 
 def test_batch_schema(digits):
-  batch = run(digits, 1)[0]
+  """Host crops, and the canvas form when the device cuts them: the same boxes, index and labels."""
+  host = run(digits, 1)[0]
   expect = {'global': ((16, 2, 16, 16, 3), np.uint8), 'local': ((16, 3, 8, 8, 3), np.uint8),
             'boxes': ((16, 5, 4), np.float32), 'index': ((16,), np.int32), 'label': ((16,), np.int32),
             'skipped': ((16,), np.int32)}
-  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expect
-  config = ml_collections.ConfigDict({'data': {'global_size': 16, 'local_size': 8, 'num_local': 3}})
+  assert {k: (v.shape, v.dtype) for k, v in host.items()} == expect
+  config = ml_collections.ConfigDict({'data': {'global_size': 16, 'local_size': 8, 'num_local': 3,
+                                               'crops_on': 'host', 'canvas_size': 12}})
   assert batch_shapes(config, 16) == expect        # the schema as the abstract (lowering) inputs use it
+
+  pipe = InputPipeline(digits, PipelineSettings(seed=0, global_batch=16, crops=dataclasses.replace(
+      CROPS, canvas_size=12)), num_steps=1)
+  canvas = next(pipe)
+  config.data.crops_on = 'device'
+  assert {k: (v.shape, v.dtype) for k, v in canvas.items()} == batch_shapes(config, 16)
+  assert canvas['canvas'].shape == (16, 12, 12, 3) and canvas['windows'].shape == (16, 5, 5)
+  for key in ('boxes', 'index', 'label', 'skipped'):
+    np.testing.assert_array_equal(canvas[key], host[key], err_msg=key)
+  # The 8x8 digits sit top-left, unscaled; windows are the boxes in pixels, with the flips.
+  assert np.all(canvas['canvas'][:, 8:] == 0) and np.all(canvas['canvas'][:, :, 8:] == 0)
+  flipped = canvas['boxes'][..., 1] > canvas['boxes'][..., 3]
+  np.testing.assert_array_equal(canvas['windows'][..., 4] == 1, flipped)
+  np.testing.assert_allclose(canvas['windows'][..., 0], canvas['boxes'][..., 0] * 7, atol=1e-5)
 
 
 def test_too_small_dataset_or_uneven_batch_is_refused(digits):

@@ -144,11 +144,12 @@ def test_device_check_runs_every_stage_on_the_cpu(tmp_path):
 
 @pytest.fixture(scope='module')
 def vit_s16():
-  """The released recipe (ViT-S/16, bf16, 2x224 + 10x96) as config and trainer: shapes only, nothing
-  allocated."""
+  """The released recipe (ViT-S/16, bf16, 2x224 + 10x96) as config and trainer, as it runs on a GPU or TPU
+  (`data.crops_on='auto'` cuts the crops on the device there): shapes only, nothing allocated."""
   from configs import vits16
   from udi_jax.train.step import Trainer
   config = vits16.get_config()
+  config.data.crops_on = 'device'
   return config, Trainer.from_config(config, steps_per_epoch=1000)
 
 
@@ -177,7 +178,8 @@ def test_analytic_flops_of_the_released_recipe_agree_with_xla(vit_s16, released_
   """The analytic count (matmuls and attention, DESIGN contract 11) of ViT-S/16 with 2x224 + 10x96 is the
   documented 137.1 GFLOP per image and step, and lies within 5 % below XLA's count of the real step
   (lowered from abstract shapes, nothing allocated; per device, 2 images), which adds the element-wise
-  work. Forgetting the backward pass or the teacher would fall far outside."""
+  work and the crops' resampling products (2.9 GFLOP: 142.9 in all, 140.0 with host crops). Forgetting
+  the backward pass or the teacher would fall far outside."""
   from udi_jax.benchmark import udi_flops_per_image, xla_flops
   config, _ = vit_s16
   step, state, batch = released_step
@@ -207,7 +209,8 @@ def portability_problems(fn, *args) -> list[str]:
 
 
 def test_training_step_lowers_for_gpu_and_tpu(released_step):
-  """The whole shard_map step as launched (state donated, bf16, ViT-S/16, 2x224 + 10x96) on 2 devices."""
+  """The whole shard_map step as launched (state donated, bf16, ViT-S/16, 2x224 + 10x96 cut on the device
+  from 512-px canvases) on 2 devices."""
   assert portability_problems(*released_step) == []
 
 

@@ -25,6 +25,7 @@ from udi_jax.train.step import Trainer, make_train_step
 flags.FLAGS.mark_as_parsed()
 STEPS = 3           # compared across devices
 BF16_STEPS = 20     # bf16 against fp32
+DEVICE_CROP_STEPS = 8   # crops cut on the device against host crops
 
 
 def config_of_20_steps():
@@ -104,3 +105,16 @@ def test_bfloat16_tracks_float32_over_20_steps(one_device):
   gap = np.abs(losses16 - losses32) / losses32
   print(f'bf16 vs fp32 loss over {BF16_STEPS} steps: max relative gap {gap.max():.4f}')
   assert gap.max() <= 0.02
+
+
+def test_crops_cut_on_the_device_track_host_crops(one_device):
+  """The same boxes, flips and randomness; only the resampling moves from PIL to the step (mean 0.03 of
+  255 apart on these digits, tests/test_device_crops.py): the loss follows the host-crop run."""
+  config = config_of_20_steps()
+  config.data.crops_on = 'device'
+  _, device, _ = run(config, jax.devices()[:1], 'shard_map', DEVICE_CROP_STEPS)
+  _, host, _ = one_device
+  gap = np.array([abs(d['loss'] - h['loss']) / h['loss'] for d, h in zip(device, host)])
+  print(f'device vs host crops, loss over {DEVICE_CROP_STEPS} steps: max relative gap {gap.max():.2e}')
+  assert Trainer.from_config(config, 4).crop_sizes == (16, 8)      # the step cut them from canvases
+  assert len(gap) == DEVICE_CROP_STEPS and 0 < gap.max() <= 1e-3

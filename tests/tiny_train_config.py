@@ -28,6 +28,7 @@ def get_config(arg=None):
   config.data.local_size = 8
   config.data.num_local = 2
   config.data.max_examples = 64
+  config.data.canvas_size = 8               # the 8x8 digits (with crops on the device)
   config.data.num_threads = 1
   config.udi.warmup_teacher_temp = 0.04
   config.udi.teacher_temp = 0.07

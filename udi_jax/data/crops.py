@@ -31,6 +31,7 @@ class CropSettings:
   local_scale: tuple[float, float] = (0.05, 0.25)
   flip_prob: float = 0.5
   fix_crop_width_bug: bool = True   # False reproduces udi_augmentation.py:264 (UDI_SPEC §8.5)
+  canvas_size: int = 0              # > 0: the host only fits images in a canvas, the device cuts the crops
 
   def __post_init__(self):
     if self.num_local < 0:
@@ -41,13 +42,33 @@ class CropSettings:
         raise ValueError(f'config.data.{name}={tuple(getattr(self, name))} must satisfy 0 < min <= max <= 1.')
     if not 0 <= self.flip_prob <= 1:
       raise ValueError(f'config.data.flip_prob={self.flip_prob} must lie in [0, 1].')
+    if self.canvas_size < 0 or 0 < self.canvas_size < 2:
+      raise ValueError(f'config.data.canvas_size={self.canvas_size} must be at least 2 pixels (the longest '
+                       'image side to keep unreduced, e.g. 512 for ImageNet).')
 
   @classmethod
   def from_config(cls, config) -> 'CropSettings':
     data = config.data
     return cls(global_size=data.global_size, local_size=data.local_size, num_local=data.num_local,
                global_scale=tuple(data.global_scale), local_scale=tuple(data.local_scale),
-               flip_prob=data.flip_prob, fix_crop_width_bug=data.fix_crop_width_bug)
+               flip_prob=data.flip_prob, fix_crop_width_bug=data.fix_crop_width_bug,
+               canvas_size=data.canvas_size if crops_on_device(config) else 0)
+
+
+CROPS_ON = ('auto', 'host', 'device')
+
+
+def crops_on_device(config) -> bool:
+  """Whether `config.data.crops_on` puts the crop geometry on the accelerator: `auto` does on a GPU or
+  TPU (the host then only decodes) and not on a CPU, where the "device" is the same cores (measured in
+  README, Data)."""
+  where = config.data.crops_on
+  if where not in CROPS_ON:
+    raise ValueError(f'config.data.crops_on={where!r} is not known; use one of {CROPS_ON}.')
+  if where == 'auto':
+    import jax
+    return jax.default_backend() != 'cpu'
+  return where == 'device'
 
 
 def random_resized_box(rng: np.random.Generator, height: int, width: int,
@@ -128,24 +149,39 @@ def cut(image: Image.Image, i: int, j: int, h: int, w: int, size: int, flip: boo
   return np.asarray(out, np.uint8)
 
 
+@dataclasses.dataclass(frozen=True)
+class CropPlan:
+  """Where the crops of one image lie: 2 global, then the local ones."""
+  windows: list[tuple[int, int, int, int]]    # (i, j, h, w) in the image's pixels
+  flips: list[bool]
+  boxes: np.ndarray                           # (2 + n_l, 4) normalised boxes, as above
+
+
+def plan_crops(rng: np.random.Generator, height: int, width: int, settings: CropSettings) -> CropPlan:
+  """Draws every crop's box and flip from `rng` (the order of draws is part of DESIGN contract 2)."""
+  s = settings
+  windows, flips, boxes = [], [], []
+
+  def add(ijhw):
+    flips.append(bool(rng.random() < s.flip_prob))
+    windows.append(ijhw)
+    boxes.append(normalised_box(*ijhw, height, width, flips[-1]))
+
+  add(random_resized_box(rng, height, width, s.global_scale))
+  add(box_relative_to(rng, height, width, s.global_scale, boxes[0], s.fix_crop_width_bug))
+  reference = union_reference(boxes[0], boxes[1])
+  for _ in range(s.num_local):
+    add(box_relative_to(rng, height, width, s.local_scale, reference, s.fix_crop_width_bug))
+  return CropPlan(windows, flips, np.stack(boxes))
+
+
 def multi_crop(image: Image.Image, rng: np.random.Generator, settings: CropSettings) -> dict[str, np.ndarray]:
   """2 global + n_l local crops of one RGB image: {'global' (2,Hg,Wg,3), 'local' (n_l,Hl,Wl,3), 'boxes'}."""
   width, height = image.size
   s = settings
-  crops, boxes = {'global': [], 'local': []}, []
-
-  def add(kind, ijhw, size):
-    flip = bool(rng.random() < s.flip_prob)
-    boxes.append(normalised_box(*ijhw, height, width, flip))
-    crops[kind].append(cut(image, *ijhw, size, flip))
-
-  add('global', random_resized_box(rng, height, width, s.global_scale), s.global_size)
-  add('global', box_relative_to(rng, height, width, s.global_scale, boxes[0], s.fix_crop_width_bug),
-      s.global_size)
-  reference = union_reference(boxes[0], boxes[1])
-  for _ in range(s.num_local):
-    add('local', box_relative_to(rng, height, width, s.local_scale, reference, s.fix_crop_width_bug),
-        s.local_size)
-  local = (np.stack(crops['local']) if crops['local']
+  plan = plan_crops(rng, height, width, s)
+  crops = [cut(image, *ijhw, s.global_size if v < 2 else s.local_size, flip)
+           for v, (ijhw, flip) in enumerate(zip(plan.windows, plan.flips))]
+  local = (np.stack(crops[2:]) if s.num_local
            else np.zeros((0, s.local_size, s.local_size, 3), np.uint8))
-  return {'global': np.stack(crops['global']), 'local': local, 'boxes': np.stack(boxes)}
+  return {'global': np.stack(crops[:2]), 'local': local, 'boxes': plan.boxes}

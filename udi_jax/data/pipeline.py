@@ -7,7 +7,11 @@ DESIGN contracts 1–4:
 2. The crop geometry of an example is drawn from `np.random.default_rng([seed, epoch, index])`.
 3. A batch is `{'global' uint8 (B,2,Hg,Wg,3), 'local' uint8 (B,n_l,Hl,Wl,3), 'boxes' float32 (B,2+n_l,4),
    'index' int32 (B,), 'label' int32 (B,), 'skipped' int32 (B,)}` (`skipped`: unreadable files passed
-   over to fill this row, for the metrics).
+   over to fill this row, for the metrics). With the crops cut on the device (`config.data.crops_on`,
+   `data/device_crops.py`), 'global' and 'local' are replaced by 'canvas' uint8 (B,S,S,3) (each image
+   fitted top-left, S = `config.data.canvas_size`) and 'windows' float32 (B,2+n_l,5) (each crop's
+   top, left, height, width in canvas pixels and its flip); the boxes, and so the correspondences, are
+   the same in both.
 4. The iterator state is `{seed, global_batch, num_examples, step, epoch}`: `step` is the global position,
    so a run may resume on another number of processes.
 
@@ -28,8 +32,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from udi_jax.data.crops import CropSettings, multi_crop
-from udi_jax.data.sources import Source, UnreadableImage, check_spec, decode_image
+from udi_jax.data.crops import CropSettings, crops_on_device, multi_crop
+from udi_jax.data.device_crops import canvas_crops
+from udi_jax.data.sources import Source, UnreadableImage, check_spec, decode_drafted
 
 MAX_SKIPS = 64   # consecutive unreadable examples before giving up on a row
 
@@ -47,9 +52,11 @@ class PipelineSettings:
 def batch_shapes(config, batch: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """The batch schema (contract 3) of `batch` rows under `config`: {name: (shape, dtype)}, e.g. to lower
   the step from abstract shapes."""
-  g, l, n = config.data.global_size, config.data.local_size, config.data.num_local
-  return {'global': ((batch, 2, g, g, 3), np.uint8), 'local': ((batch, n, l, l, 3), np.uint8),
-          'boxes': ((batch, 2 + n, 4), np.float32), 'index': ((batch,), np.int32),
+  g, l, n, c = config.data.global_size, config.data.local_size, config.data.num_local, config.data.canvas_size
+  pixels = ({'canvas': ((batch, c, c, 3), np.uint8), 'windows': ((batch, 2 + n, 5), np.float32)}
+            if crops_on_device(config) else
+            {'global': ((batch, 2, g, g, 3), np.uint8), 'local': ((batch, n, l, l, 3), np.uint8)})
+  return {**pixels, 'boxes': ((batch, 2 + n, 4), np.float32), 'index': ((batch,), np.int32),
           'label': ((batch,), np.int32), 'skipped': ((batch,), np.int32)}
 
 
@@ -95,14 +102,15 @@ class BatchMaker:
       index = self.order.index(epoch, position + skipped)
       try:
         record = self.source[index]
-        image = decode_image(record['image'])
+        image, full_size = decode_drafted(record['image'], self.crops.canvas_size)
       except UnreadableImage as e:
         if index not in _warned:
           _warned.add(index)
           logging.warning('Skipping unreadable image %d (%s): %s', index, record_name(self.source, index), e)
         continue
       rng = np.random.default_rng([self.order.seed, epoch, index])
-      crops = multi_crop(image, rng, self.crops)
+      crops = (canvas_crops(image, rng, self.crops, full_size) if self.crops.canvas_size
+               else multi_crop(image, rng, self.crops))
       return {**crops, 'index': np.int32(index), 'label': np.int32(record.get('label', -1)),
               'skipped': np.int32(skipped)}
     raise RuntimeError(f'{MAX_SKIPS + 1} consecutive images from position {position} could not be read; '

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import functools
 import io
+import math
 import os
 import pathlib
 from typing import Any, Protocol, Sequence
@@ -313,11 +314,27 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
 
 def decode_image(image: bytes | np.ndarray) -> Image.Image:
   """Encoded bytes or an array -> an RGB PIL image at least MIN_SIDE pixels on each side."""
+  return _decode(image)[0]
+
+
+def decode_drafted(image: bytes | np.ndarray, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
+  """(the RGB image, (width, height) of the image `decode_image` returns). A JPEG whose longer side is
+  well above `max_side` is decoded at 1/2, 1/4 or 1/8 of its size, the largest that keeps that side at
+  least `max_side` (the decoder's draft mode, which skips most of the work)."""
+  return _decode(image, draft_side=max_side)
+
+
+def _decode(image: bytes | np.ndarray, draft_side: int = 0) -> tuple[Image.Image, tuple[int, int]]:
+  """(RGB image, (width, height) before any draft reduction)."""
   if isinstance(image, (bytes, bytearray, np.bytes_)):
     if not len(image):
       raise UnreadableImage('empty file (0 bytes)')
     try:
       with Image.open(io.BytesIO(bytes(image))) as opened:
+        size = opened.size
+        ratio = draft_side / max(size)
+        if draft_side and opened.format == 'JPEG' and ratio < 1 and min(size) * ratio >= 8:
+          opened.draft('RGB', (math.ceil(size[0] * ratio), math.ceil(size[1] * ratio)))
         opened.load()
         if opened.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F') or opened.mode.startswith('I;'):
           rgb = Image.fromarray(_array_to_rgb(np.asarray(opened)))
@@ -331,6 +348,8 @@ def decode_image(image: bytes | np.ndarray) -> Image.Image:
       raise UnreadableImage(str(e)) from e
   else:
     rgb = Image.fromarray(_array_to_rgb(image))
+    size = rgb.size
   if min(rgb.size) < MIN_SIDE:
     rgb = rgb.resize((max(rgb.size[0], MIN_SIDE), max(rgb.size[1], MIN_SIDE)), Image.Resampling.NEAREST)
-  return rgb
+    size = rgb.size
+  return rgb, size

@@ -1,6 +1,7 @@
 """One training step: written once as per-device code, mapped with shard_map (default) or pmap.
 
-Per device (DESIGN "one training step, as data"): photometric augmentation of the uint8 crops, stratified
+Per device (DESIGN "one training step, as data"): the crops cut from the canvases when the geometry runs
+on the device (`data/device_crops.py`), photometric augmentation of the uint8 crops, stratified
 sampling and correspondences from the boxes, the objective (teacher once, student, three levels), the
 gradient of this device's share of the loss summed over devices, the optimiser (per-tensor clipping,
 AdamW, frozen last layer), the EMA teacher and the new centres. Every random draw is folded from
@@ -24,7 +25,8 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from udi_jax import rng
-from udi_jax.data import photometric
+from udi_jax.data import device_crops, photometric
+from udi_jax.data.crops import CropSettings
 from udi_jax.mesh import DATA_AXIS
 from udi_jax.method.objective import ObjectiveSettings, udi_objective
 from udi_jax.method.sampling import SamplingSettings, draw_samples
@@ -46,6 +48,7 @@ class Trainer:
   tx: optax.GradientTransformationExtraArgs
   seed: int
   photometric: Optional[photometric.PhotometricSettings] = photometric.PhotometricSettings()
+  crop_sizes: Optional[tuple[int, int]] = None   # (global, local) sides: cut from 'canvas' on the device
 
   @classmethod
   def from_config(cls, config, steps_per_epoch: int) -> 'Trainer':
@@ -54,9 +57,11 @@ class Trainer:
     tx = make_optimizer(OptimizerSettings.from_config(config), schedules.learning_rate,
                         schedules.weight_decay_at, schedules.last_layer_trainable)
     augment = photometric.PhotometricSettings.from_config(config) if config.data.augment else None
+    crops = CropSettings.from_config(config)
     return cls(nets=build_networks(config), objective=ObjectiveSettings.from_config(config),
                sampling=SamplingSettings.from_config(config), schedules=schedules, tx=tx, seed=config.seed,
-               photometric=augment)
+               photometric=augment,
+               crop_sizes=(crops.global_size, crops.local_size) if crops.canvas_size else None)
 
 
 def _augment(images: jax.Array, keys: jax.Array, first_crop: int,
@@ -80,8 +85,12 @@ def step_body(t: Trainer, state: TrainState, batch: dict[str, jax.Array],
   gsum = (lambda x: jax.lax.psum(x, axis_name)) if axis_name else (lambda x: x)
   keys = rng.example_keys(t.seed, state.step, batch['index'])
   photo_keys = rng.stream(keys, 'photometric')
-  crops_global = _augment(batch['global'], photo_keys, 0, t.photometric)
-  crops_local = _augment(batch['local'], photo_keys, 2, t.photometric) if batch['local'].shape[1] else None
+  if t.crop_sizes is None:
+    pixels_global, pixels_local = batch['global'], batch['local']
+  else:
+    pixels_global, pixels_local = device_crops.cut_batch(batch['canvas'], batch['windows'], *t.crop_sizes)
+  crops_global = _augment(pixels_global, photo_keys, 0, t.photometric)
+  crops_local = _augment(pixels_local, photo_keys, 2, t.photometric) if pixels_local.shape[1] else None
   samples = (draw_samples(batch['boxes'], rng.stream(keys, 'sampling'), t.sampling)
              if PATCH in t.nets.levels else None)
   temperature = t.schedules.teacher_temperature(state.step)
