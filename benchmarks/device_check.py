@@ -12,8 +12,9 @@ run cut short keeps what it measured), and the last line is a row for `benchmark
           batch with and without remat; on a GPU where cuDNN flash attention applies (the default
           config.model.attention='auto' takes it), the first batch again with XLA's attention;
   loop    the real training loop (grain pipeline, the compiled step, metrics, checkpoints) on
-          ImageNet-size JPEGs written here, per worker-process count: images/s of the loop over the
-          step alone says whether the host keeps up;
+          ImageNet-size JPEGs written here, per worker-process count, with the crops cut on the device
+          (the default on an accelerator), then with host crops at the most workers: images/s of the
+          loop over the step alone says whether the host keeps up;
   bf16    bf16 against float32 (matmuls at 'highest') from the same initialisation over --bf16_steps
           steps of synthetic batches: the relative loss gap.
 
@@ -184,8 +185,9 @@ def stage_step(plan: Plan) -> dict:
           **remat, **kernels}
 
 
-def loop_config(plan: Plan, root: pathlib.Path, images: int, workers: int):
+def loop_config(plan: Plan, root: pathlib.Path, images: int, workers: int, crops_on: str = 'auto'):
   config = plan.config.copy_and_resolve_references()
+  config.data.crops_on = crops_on
   config.batch_size = plan.batches[0] * jax.device_count()
   steps_per_epoch = images // config.batch_size
   config.epochs = math.ceil(plan.loop_steps / steps_per_epoch)
@@ -202,6 +204,7 @@ def loop_config(plan: Plan, root: pathlib.Path, images: int, workers: int):
 
 def stage_loop(plan: Plan) -> dict:
   from input_pipeline import write_folder
+  from udi_jax.data.crops import crops_on_device
   from udi_jax.train.loop import train_and_evaluate
   batch = plan.batches[0] * jax.device_count()
   images = batch * max(plan.loop_steps // 4, 1)          # four epochs
@@ -213,14 +216,18 @@ def stage_loop(plan: Plan) -> dict:
            or timed_step(loop_config(plan, root, images, 0), plan.batches[0], plan))
   step_rate = alone.get('images_per_s_per_device', math.nan) * jax.device_count()
   runs = []
-  for workers in plan.workers:
-    config = loop_config(plan, root, images, workers)
-    workdir = plan.work / f'loop_{workers}_workers'
+  # With an accelerator, the default ('auto': crops cut on the device) at every worker count, then host
+  # crops at the most workers, for comparison; on a CPU the default alone (host crops there).
+  settings = [('auto', w) for w in plan.workers] + ([('host', max(plan.workers))] if plan.accelerator else [])
+  for crops_on, workers in settings:
+    config = loop_config(plan, root, images, workers, crops_on)
+    where = 'device' if crops_on_device(config) else 'host'
+    workdir = plan.work / f'loop_{workers}_workers_{where}_crops'
     train_and_evaluate(config, workdir)
     logged = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
     rate = statistics.median(m['images_per_s'] for m in logged[1:] or logged)   # the first includes compiling
-    runs.append({'workers': workers, 'images_per_s': rate, 'loop_over_step': rate / step_rate})
-    print(f'  {workers} workers: loop {rate:.1f} images/s, step alone {step_rate:.1f}: '
+    runs.append({'workers': workers, 'crops_on': where, 'images_per_s': rate, 'loop_over_step': rate / step_rate})
+    print(f'  {workers} workers, crops on the {where}: loop {rate:.1f} images/s, step alone {step_rate:.1f}: '
           f'{100 * rate / step_rate:.0f} %', flush=True)
   return {'batch': batch, 'steps': plan.loop_steps, 'step_alone_images_per_s': step_rate, 'runs': runs}
 
@@ -272,7 +279,8 @@ def results_row(results: dict) -> str:
            f"{fmt(best.get('images_per_s_per_device'), '.0f')} at batch {best.get('per_device_batch', 'n/a')}",
            fmt(best.get('mfu') and 100 * best['mfu'], '.1f'), step.get('largest_fitting', 'n/a'),
            f"{fmt(parity.get('loss_error'), '.1e')} / {fmt(parity.get('gradient_error'), '.1e')}",
-           f"{fmt(loop.get('loop_over_step'), '.2f')} ({loop.get('workers', 'n/a')} workers)",
+           f"{fmt(loop.get('loop_over_step'), '.2f')} ({loop.get('workers', 'n/a')} workers, "
+           f"{loop.get('crops_on', 'n/a')} crops)",
            fmt(stages.get('bf16', {}).get('max_gap'), '.4f')]
   return '| ' + ' | '.join(str(c) for c in cells) + ' |'
 

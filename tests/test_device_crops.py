@@ -22,7 +22,8 @@ def differences(images, settings, full_sizes=None):
     host = crops.multi_crop(full, np.random.default_rng([0, 0, k]), settings)
     ours = device_crops.canvas_crops(image, np.random.default_rng([0, 0, k]), settings, full.size)
     np.testing.assert_array_equal(ours['boxes'], host['boxes'])      # the same plan (contract 2)
-    cut = cut_batch(ours['canvas'][None], ours['windows'][None], settings.global_size, settings.local_size)
+    canvas = device_crops.to_canvases([ours['pixels']], settings.canvas_size)
+    cut = cut_batch(canvas, ours['windows'][None], settings.global_size, settings.local_size)
     for kind, crop in zip(('global', 'local'), cut):
       diffs[kind].append(np.abs(np.asarray(crop[0], int) - host[kind]).ravel())
   return {kind: np.concatenate(d) for kind, d in diffs.items()}
@@ -67,20 +68,24 @@ def test_a_large_jpeg_is_drafted_and_its_boxes_drawn_at_full_size(photos):
   full = decode_image(encoded.getvalue())
   diffs = differences([drafted], crops.CropSettings(canvas_size=512), [full])
   assert_faithful(diffs, 'drafted 2048 px JPEG', mean=2.0, p99=16.0)
-  canvas = device_crops.canvas_crops(drafted, np.random.default_rng(0), crops.CropSettings(canvas_size=512),
-                                     full_size)
-  assert np.all(canvas['canvas'][384:] == 0) and canvas['windows'][:, :4].max() <= 512
+  ours = device_crops.canvas_crops(drafted, np.random.default_rng(0), crops.CropSettings(canvas_size=512),
+                                   full_size)
+  canvas = device_crops.to_canvases([ours['pixels']], 512)[0]
+  assert ours['pixels'].shape == (384, 512, 3) and np.all(canvas[384:] == 0)
+  np.testing.assert_array_equal(canvas[:384], ours['pixels'])
+  assert ours['windows'][:, [0, 2]].max() <= 384 and ours['windows'][:, [1, 3]].max() <= 512
 
 
 def test_flips_mirror_the_crop():
   image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), np.uint8))
   settings = crops.CropSettings(global_size=16, local_size=8, num_local=2, canvas_size=40)
-  canvas = device_crops.canvas_crops(image, np.random.default_rng(1), settings)
-  windows = canvas['windows'].copy()
+  ours = device_crops.canvas_crops(image, np.random.default_rng(1), settings)
+  canvas = device_crops.to_canvases([ours['pixels']], 40)
+  windows = ours['windows'].copy()
   windows[:, 4] = 0
-  plain = cut_batch(canvas['canvas'][None], windows[None], 16, 8)
+  plain = cut_batch(canvas, windows[None], 16, 8)
   windows[:, 4] = 1
-  mirrored = cut_batch(canvas['canvas'][None], windows[None], 16, 8)
+  mirrored = cut_batch(canvas, windows[None], 16, 8)
   for a, b in zip(plain, mirrored):
     np.testing.assert_array_equal(np.asarray(a)[..., ::-1, :], np.asarray(b))
 

@@ -93,16 +93,25 @@ def xla_flops(lowered_or_compiled) -> Optional[float]:
 
 
 def synthetic_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-  from udi_jax.data.crops import CropSettings, multi_crop
+  """A batch of the schema the pipeline gives under `config` (host crops, or canvases when the device cuts
+  them), with random pixels and real crop boxes of a 480x360 image."""
   from PIL import Image
+  from udi_jax.data.crops import CropSettings, multi_crop
+  from udi_jax.data.device_crops import canvas_crops, to_canvases
   rng = np.random.default_rng(seed)
+  settings = CropSettings.from_config(config)
   image = Image.fromarray(rng.integers(0, 256, (360, 480, 3), dtype=np.uint8))
-  boxes = np.stack([multi_crop(image, np.random.default_rng([seed, i]), dataclasses.replace(
-      CropSettings.from_config(config), global_size=8, local_size=8))['boxes'] for i in range(batch)])
-  g, l, n = config.data.global_size, config.data.local_size, config.data.num_local
-  return {'global': rng.integers(0, 256, (batch, 2, g, g, 3), dtype=np.uint8),
-          'local': rng.integers(0, 256, (batch, n, l, l, 3), dtype=np.uint8),
-          'boxes': boxes.astype(np.float32), 'index': np.arange(batch, dtype=np.int32),
+  if settings.canvas_size:
+    rows = [canvas_crops(image, np.random.default_rng([seed, i]), settings) for i in range(batch)]
+    pixels = {'canvas': to_canvases([r['pixels'] for r in rows], settings.canvas_size),
+              **{k: np.stack([r[k] for r in rows]) for k in ('windows', 'boxes')}}
+  else:
+    boxes = np.stack([multi_crop(image, np.random.default_rng([seed, i]), dataclasses.replace(
+        settings, global_size=8, local_size=8))['boxes'] for i in range(batch)])
+    g, l, n = config.data.global_size, config.data.local_size, config.data.num_local
+    pixels = {'global': rng.integers(0, 256, (batch, 2, g, g, 3), dtype=np.uint8),
+              'local': rng.integers(0, 256, (batch, n, l, l, 3), dtype=np.uint8), 'boxes': boxes}
+  return {**pixels, 'boxes': pixels['boxes'].astype(np.float32), 'index': np.arange(batch, dtype=np.int32),
           'label': np.zeros(batch, np.int32), 'skipped': np.zeros(batch, np.int32)}
 
 

@@ -30,29 +30,29 @@ BICUBIC_SUPPORT = 2.0
 PRECISION = jax.lax.Precision.HIGH
 
 
-def fit_canvas(image: Image.Image, full_size: tuple[int, int], plan, canvas_size: int) -> dict[str, np.ndarray]:
-  """The canvas of `image` (already at most `canvas_size` on its longer side) and the plan's windows in
-  canvas pixels; `full_size` = (width, height) of the image the plan was drawn on."""
-  canvas = np.zeros((canvas_size, canvas_size, 3), np.uint8)
-  pixels = np.asarray(image, np.uint8)
-  canvas[:pixels.shape[0], :pixels.shape[1]] = pixels
-  scale_h, scale_w = pixels.shape[0] / full_size[1], pixels.shape[1] / full_size[0]
-  windows = np.asarray([(i * scale_h, j * scale_w, h * scale_h, w * scale_w, float(flip))
-                        for (i, j, h, w), flip in zip(plan.windows, plan.flips)], np.float32)
-  return {'canvas': canvas, 'windows': windows}
-
-
 def canvas_crops(image: Image.Image, rng: np.random.Generator, settings: CropSettings,
                  full_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-  """The host half of device crops for one image: {'canvas' (S,S,3) uint8, 'windows' (2+n_l,5), 'boxes'}.
-  `full_size`: the (width, height) to draw the boxes on when `image` was reduced to fit (default its own)."""
+  """The host half of device crops for one image: {'pixels' (h,w,3) uint8: the image fitted to the canvas,
+  'windows' (2+n_l, 5) in its pixels, 'boxes'}. `full_size`: the (width, height) to draw the boxes on when
+  `image` was reduced before (default its own size)."""
   width, height = full_size or image.size
   if max(image.size) > settings.canvas_size:
     ratio = settings.canvas_size / max(image.size)
     image = image.resize((max(round(image.width * ratio), 1), max(round(image.height * ratio), 1)),
                          Image.Resampling.BICUBIC)
   plan = plan_crops(rng, height, width, settings)
-  return {**fit_canvas(image, (width, height), plan, settings.canvas_size), 'boxes': plan.boxes}
+  scale_h, scale_w = image.height / height, image.width / width
+  windows = np.asarray([(i * scale_h, j * scale_w, h * scale_h, w * scale_w, float(flip))
+                        for (i, j, h, w), flip in zip(plan.windows, plan.flips)], np.float32)
+  return {'pixels': np.asarray(image, np.uint8), 'windows': windows, 'boxes': plan.boxes}
+
+
+def to_canvases(pixels: list[np.ndarray], canvas_size: int) -> np.ndarray:
+  """(B, S, S, 3) uint8: each image top-left on a zero canvas (one allocation for the batch)."""
+  canvases = np.zeros((len(pixels), canvas_size, canvas_size, 3), np.uint8)
+  for canvas, image in zip(canvases, pixels):
+    canvas[:image.shape[0], :image.shape[1]] = image
+  return canvases
 
 
 def _bicubic(x: jax.Array) -> jax.Array:

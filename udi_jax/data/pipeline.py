@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from udi_jax.data.crops import CropSettings, crops_on_device, multi_crop
-from udi_jax.data.device_crops import canvas_crops
+from udi_jax.data.device_crops import canvas_crops, to_canvases
 from udi_jax.data.sources import Source, UnreadableImage, check_spec, decode_drafted
 
 MAX_SKIPS = 64   # consecutive unreadable examples before giving up on a row
@@ -118,7 +118,10 @@ class BatchMaker:
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     rows = [self.example(int(step), self.first_row + r) for r in range(self.local_batch)]
-    return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0] if k != 'pixels'}
+    if self.crops.canvas_size:
+      batch['canvas'] = to_canvases([row['pixels'] for row in rows], self.crops.canvas_size)
+    return batch
 
 
 def record_name(source: Source, index: int) -> str:
