@@ -14,7 +14,7 @@ run cut short keeps what it measured), and the last line is a row for `benchmark
   loop    the real training loop (grain pipeline, the compiled step, metrics, checkpoints) on
           ImageNet-size JPEGs written here, per worker-process count, with the crops cut on the device
           (the default on an accelerator), then with host crops at the most workers: images/s of the
-          loop over the step alone says whether the host keeps up;
+          loop over the step alone says whether the host keeps up; and the step's crop stage alone;
   bf16    bf16 against float32 (matmuls at 'highest') from the same initialisation over --bf16_steps
           steps of synthetic batches: the relative loss gap.
 
@@ -203,8 +203,9 @@ def loop_config(plan: Plan, root: pathlib.Path, images: int, workers: int, crops
 
 
 def stage_loop(plan: Plan) -> dict:
-  from input_pipeline import write_folder
-  from udi_jax.data.crops import crops_on_device
+  from input_pipeline import device_crop_ms, write_folder
+  from udi_jax.data.crops import CropSettings, crops_on_device
+  from udi_jax.data.sources import open_source
   from udi_jax.train.loop import train_and_evaluate
   batch = plan.batches[0] * jax.device_count()
   images = batch * max(plan.loop_steps // 4, 1)          # four epochs
@@ -212,6 +213,10 @@ def stage_loop(plan: Plan) -> dict:
   started = time.perf_counter()
   write_folder(root, images)
   print(f'  wrote {images} JPEGs (about 470x410) in {time.perf_counter() - started:.0f} s', flush=True)
+  crops = dataclasses.replace(CropSettings.from_config(plan.config), canvas_size=plan.config.data.canvas_size)
+  crop_ms = device_crop_ms(open_source(f'imagefolder:{root}'), crops, plan.batches[0])
+  print(f'  the crop stage alone (cut {2 + crops.num_local} crops from {crops.canvas_size}-px canvases): '
+        f'{crop_ms:.3f} ms per image', flush=True)
   alone = (plan.measured.get(plan.batches[0])
            or timed_step(loop_config(plan, root, images, 0), plan.batches[0], plan))
   step_rate = alone.get('images_per_s_per_device', math.nan) * jax.device_count()
@@ -229,7 +234,8 @@ def stage_loop(plan: Plan) -> dict:
     runs.append({'workers': workers, 'crops_on': where, 'images_per_s': rate, 'loop_over_step': rate / step_rate})
     print(f'  {workers} workers, crops on the {where}: loop {rate:.1f} images/s, step alone {step_rate:.1f}: '
           f'{100 * rate / step_rate:.0f} %', flush=True)
-  return {'batch': batch, 'steps': plan.loop_steps, 'step_alone_images_per_s': step_rate, 'runs': runs}
+  return {'batch': batch, 'steps': plan.loop_steps, 'step_alone_images_per_s': step_rate,
+          'crop_stage_ms_per_image': crop_ms, 'runs': runs}
 
 
 def stage_bf16(plan: Plan) -> dict:

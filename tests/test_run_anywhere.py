@@ -138,6 +138,7 @@ def test_device_check_runs_every_stage_on_the_cpu(tmp_path):
   assert all(stages['step'][k]['step_ms'] > 0 for k in ('remat', 'no_remat'))
   [loop] = stages['loop']['runs']
   assert loop['workers'] == 0 and 0 < loop['loop_over_step'] and loop['images_per_s'] > 0
+  assert loop['crops_on'] == 'host' and stages['loop']['crop_stage_ms_per_image'] > 0   # the CPU's default
   assert stages['bf16']['steps'] == 4 and stages['bf16']['finite'] and stages['bf16']['max_gap'] < 0.05
   assert record['row'] in result.stdout and record['row'].count('|') == 10
 
