@@ -332,7 +332,7 @@ def _decode(image: bytes | np.ndarray, draft_side: int = 0) -> tuple[Image.Image
     try:
       with Image.open(io.BytesIO(bytes(image))) as opened:
         size = opened.size
-        ratio = draft_side / max(size)
+        ratio = draft_side / max(*size, 1)
         if draft_side and opened.format == 'JPEG' and ratio < 1 and min(size) * ratio >= 8:
           opened.draft('RGB', (math.ceil(size[0] * ratio), math.ceil(size[1] * ratio)))
         opened.load()
