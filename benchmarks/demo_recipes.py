@@ -59,7 +59,7 @@ RECIPES = {
                     {'udi.teacher_temp': 0.02, 'udi.warmup_teacher_temp': 0.02, 'udi.momentum_teacher': 0.996}),
     'tt02_depth2_e40': ('T_t 0.02, 2 blocks for 40 epochs (about the same time)',
                         {'udi.teacher_temp': 0.02, 'udi.warmup_teacher_temp': 0.02, 'model.depth': 2, 'epochs': 40}),
-    # Next to try (not run yet): digits are not mirror-symmetric.
+    # Digits are not mirror-symmetric (run after the others; level with tt02_ema996 on seed 0).
     'tt02_ema996_noflip': ('T_t 0.02, EMA 0.996, no horizontal flips (a flipped digit is another shape)',
                            {'udi.teacher_temp': 0.02, 'udi.warmup_teacher_temp': 0.02, 'udi.momentum_teacher': 0.996,
                             'data.flip_prob': 0.0}),

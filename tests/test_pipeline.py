@@ -122,17 +122,17 @@ def test_batch_schema(digits):
 
   pipe = InputPipeline(digits, PipelineSettings(seed=0, global_batch=16, crops=dataclasses.replace(
       CROPS, canvas_size=12)), num_steps=1)
-  canvas = next(pipe)
+  device = next(pipe)
   config.data.crops_on = 'device'
-  assert {k: (v.shape, v.dtype) for k, v in canvas.items()} == batch_shapes(config, 16)
-  assert canvas['canvas'].shape == (16, 12, 12, 3) and canvas['windows'].shape == (16, 5, 5)
+  assert {k: (v.shape, v.dtype) for k, v in device.items()} == batch_shapes(config, 16)
+  assert device['canvas'].shape == (16, 12, 12, 3) and device['windows'].shape == (16, 5, 5)
   for key in ('boxes', 'index', 'label', 'skipped'):
-    np.testing.assert_array_equal(canvas[key], host[key], err_msg=key)
+    np.testing.assert_array_equal(device[key], host[key], err_msg=key)
   # The 8x8 digits sit top-left, unscaled; windows are the boxes in pixels, with the flips.
-  assert np.all(canvas['canvas'][:, 8:] == 0) and np.all(canvas['canvas'][:, :, 8:] == 0)
-  flipped = canvas['boxes'][..., 1] > canvas['boxes'][..., 3]
-  np.testing.assert_array_equal(canvas['windows'][..., 4] == 1, flipped)
-  np.testing.assert_allclose(canvas['windows'][..., 0], canvas['boxes'][..., 0] * 7, atol=1e-5)
+  assert np.all(device['canvas'][:, 8:] == 0) and np.all(device['canvas'][:, :, 8:] == 0)
+  flipped = device['boxes'][..., 1] > device['boxes'][..., 3]
+  np.testing.assert_array_equal(device['windows'][..., 4] == 1, flipped)
+  np.testing.assert_allclose(device['windows'][..., 0], device['boxes'][..., 0] * 7, atol=1e-5)
 
 
 def test_too_small_dataset_or_uneven_batch_is_refused(digits):
