@@ -40,9 +40,65 @@ def test_without_tensorflow_metrics_go_to_the_jsonl_file_and_nan_still_stops(tmp
 def test_the_metrics_file_is_cut_back_to_a_step(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   path.write_text(''.join(json.dumps({'step': s, 'loss': s}) + '\n' for s in (1, 2, 2, 3, 4)))
-  assert metrics_log.cut_metrics_file(path, 2) == 2
+  assert metrics_log.cut_metrics_file(path, 2) == (2, 0)
   assert [json.loads(line)['step'] for line in path.read_text().splitlines()] == [1, 2, 2]
-  assert metrics_log.cut_metrics_file(path, 2) == 0 and metrics_log.cut_metrics_file(tmp_path / 'none', 2) == 0
+  assert metrics_log.cut_metrics_file(path, 2) == (0, 0)
+  assert metrics_log.cut_metrics_file(tmp_path / 'none', 2) == (0, 0)
+
+
+def test_a_line_cut_short_by_a_kill_is_dropped_and_counted(tmp_path):
+  """A SIGKILL or a full disk in the middle of a write leaves a partial last line (and, on some file
+  systems, a line of zeros in the middle): the lines that parse are kept, the others counted."""
+  path = tmp_path / 'metrics.jsonl'
+  whole = [json.dumps({'step': s, 'loss': s}) + '\n' for s in (1, 2, 3)]
+  path.write_text(whole[0] + '\0\0\0\n' + ''.join(whole[1:]) + '{"step": 4, "lo')
+  assert metrics_log.cut_metrics_file(path, 2) == (1, 2)        # step 3 after, the zeros and step 4 damaged
+  assert path.read_text() == whole[0] + whole[1]
+  path.write_text(whole[0] + '{"step": 2, "lo')
+  assert metrics_log.cut_metrics_file(path, 5) == (0, 1) and path.read_text() == whole[0]
+
+
+def test_a_damaged_events_record_is_dropped_with_what_follows(tmp_path):
+  """An events file whose last record was cut short: rewritten with the whole records up to the step."""
+  from tensorboard.compat.proto.event_pb2 import Event
+  from tensorboard.summary.writer.record_writer import RecordWriter
+  path = tmp_path / 'events.out.tfevents.1'
+  with open(path, 'wb') as f:
+    writer = RecordWriter(f)
+    for step in range(1, 6):
+      writer.write(Event(step=step, wall_time=1.0).SerializeToString())
+  whole = path.stat().st_size
+  with open(path, 'r+b') as f:
+    f.truncate(whole - 5)                           # step 5's record cut short
+  assert metrics_log.cut_events_files(tmp_path, 3) == (1, 1)       # step 4 after the step, step 5 damaged
+  assert path.stat().st_size == 3 * whole // 5
+  assert metrics_log.cut_events_files(tmp_path, 3) == (0, 0)
+
+
+def test_a_health_metric_that_was_not_measured_never_stops_the_run(tmp_path, monkeypatch):
+  """A step without a valid patch point has no patch-level spread (NaN): the run goes on, and the log line
+  averages the steps where it was measured; only the loss and the update stop a run."""
+  monkeypatch.setattr(metrics_log, 'clu_writers', lambda: (_ for _ in ()).throw(ImportError('no TF')))
+  log = metrics_log.MetricsLog(tmp_path, total_steps=6, steps_per_epoch=2, batch_size=8, start=0,
+                               log_every_steps=2, out_dim=64)
+  for step, spread in ((1, np.nan), (2, 3.0), (3, np.nan), (4, np.nan)):
+    log.add(step, {**metrics(1.0), 'logit_spread/patch': np.float32(spread),
+                   'prototypes_used/patch': np.float32(spread)})
+    if step % 2 == 0:
+      log.flush(step, None)
+  lines = metrics_by_step(tmp_path)
+  assert lines[2]['logit_spread/patch'] == 3.0 and lines[2]['prototypes_used/patch'] == 3.0
+  assert 'logit_spread/patch' not in lines[4] and lines[4]['loss'] == 1.0
+  from udi_jax.method import objective      # the monitor marks a step without a valid point as not measured
+  logits, probs, rows = np.ones((6, 4), np.float32), np.full((6, 4), 0.25, np.float32), objective.Rows(3, 0)
+  no_point, points = np.zeros(6, np.float32), np.array([1, 0, 1, 0, 0, 0], np.float32)
+  assert np.isnan(objective.spread_over_images(logits, no_point, rows))
+  assert np.isnan(objective.prototypes_used(probs, no_point, rows))
+  assert objective.spread_over_images(logits, points, rows) == 0
+  assert np.isclose(objective.prototypes_used(probs, points, rows), 4)
+  log.add(5, {**metrics(1.0), 'grad_norm': np.float32(np.inf)})
+  with pytest.raises(FloatingPointError, match='Non-finite grad_norm at step 5'):
+    log.flush(5, 4)
 
 
 def test_a_level_at_ln_k_for_a_whole_log_line_gets_one_warning(tmp_path, monkeypatch, caplog):

@@ -345,17 +345,21 @@ def updated_centres(nets: Networks, settings: ObjectiveSettings, teacher_params:
 
 def spread_over_images(logits: jax.Array, weights: jax.Array, rows: Rows) -> jax.Array:
   """The standard deviation of raw logits (N, K) across the batch's weighted rows (all devices),
-  averaged over the prototypes: the per-image signal, near 0 when every image looks the same."""
+  averaged over the prototypes: the per-image signal, near 0 when every image looks the same. NaN when no
+  row has weight (no valid patch point in the global batch): the metrics log reads it as not measured."""
   count = rows.total(weights.sum())
-  mean = rows.total(jnp.sum(logits * weights[:, None], 0)) / count
-  variance = rows.total(jnp.sum((logits - mean) ** 2 * weights[:, None], 0)) / count   # two passes: exact
-  return jnp.sqrt(variance).mean()
+  safe = jnp.maximum(count, 1e-12)
+  mean = rows.total(jnp.sum(logits * weights[:, None], 0)) / safe
+  variance = rows.total(jnp.sum((logits - mean) ** 2 * weights[:, None], 0)) / safe   # two passes: exact
+  return jnp.where(count > 0, jnp.sqrt(variance).mean(), jnp.nan)
 
 
 def prototypes_used(probs: jax.Array, weights: jax.Array, rows: Rows) -> jax.Array:
-  """exp(entropy of the batch-mean distribution): K when all prototypes are used evenly, 1 when one is."""
-  mean = rows.total(jnp.sum(probs * weights[:, None], 0)) / rows.total(weights.sum())
-  return jnp.exp(entropy(mean))
+  """exp(entropy of the batch-mean distribution): K when all prototypes are used evenly, 1 when one is;
+  NaN (not measured) when no row has weight."""
+  count = rows.total(weights.sum())
+  mean = rows.total(jnp.sum(probs * weights[:, None], 0)) / jnp.maximum(count, 1e-12)
+  return jnp.where(count > 0, jnp.exp(entropy(mean)), jnp.nan)
 
 
 def collapse_monitor(nets: Networks, teacher: TeacherTargets) -> dict[str, tuple]:

@@ -14,7 +14,7 @@ import math
 import os
 import pathlib
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -23,6 +23,9 @@ from absl import logging
 from udi_jax.models.networks import LEVELS
 
 COUNTS = ('skipped_images',)      # summed over the steps of a log line; the other metrics are averaged
+# The collapse monitor and other health metrics: they describe the run and never stop it. A non-finite
+# value (e.g. a patch-level spread in a step without a valid point) means "not measured at that step".
+HEALTH = ('teacher_entropy/', 'kl/', 'valid_fraction/', 'logit_spread/', 'prototypes_used/')
 COLLAPSE_NATS = 0.05              # a level whose teacher entropy stays this close to ln K has collapsed
 
 
@@ -42,41 +45,76 @@ def clu_writers():
   return metric_writers, periodic_actions
 
 
-def cut_metrics_file(path: pathlib.Path, last_step: int) -> int:
-  """Drops the lines of `metrics.jsonl` past `last_step`; returns how many were dropped."""
+class Cut(NamedTuple):
+  """What cutting a log back to a step dropped: entries past the step, and entries that could not be read
+  (a line or record cut short by a SIGKILL or a full disk)."""
+  after: int
+  damaged: int
+
+
+def _step_of_line(line: str) -> Optional[int]:
+  """The step of a `metrics.jsonl` line, or None where the line is not a whole JSON object with a step."""
+  try:
+    step = json.loads(line)['step']
+  except (ValueError, TypeError, KeyError):
+    return None
+  return step if isinstance(step, int) else None
+
+
+def cut_metrics_file(path: pathlib.Path, last_step: int) -> Cut:
+  """Keeps the lines of `metrics.jsonl` that parse and have a step at or below `last_step`."""
   if not path.is_file():
-    return 0
-  lines = path.read_text().splitlines(keepends=True)
-  kept = [line for line in lines if line.strip() and json.loads(line)['step'] <= last_step]
-  if len(kept) < len(lines):
+    return Cut(0, 0)
+  lines = [line for line in path.read_text(errors='replace').splitlines(keepends=True) if line.strip()]
+  steps = [_step_of_line(line) for line in lines]
+  kept = [line if line.endswith('\n') else line + '\n'
+          for line, step in zip(lines, steps) if step is not None and step <= last_step]
+  damaged = steps.count(None)
+  if len(kept) < len(lines) or path.stat().st_size != sum(map(len, kept)):
     temporary = path.with_name(path.name + '.cut')
     temporary.write_text(''.join(kept))
     os.replace(temporary, path)
-  return len(lines) - len(kept)
+  return Cut(len(lines) - len(kept) - damaged, damaged)
 
 
-def cut_events_files(workdir: pathlib.Path, last_step: int) -> int:
-  """Drops the TensorBoard events past `last_step` from the events files of `workdir`; returns how many.
-  TensorBoard would otherwise draw the killed run's steps and the resumed run's on top of each other."""
-  paths = sorted(workdir.glob('events.out.tfevents.*'))
-  if not paths:
-    return 0
+def _events(path: pathlib.Path) -> tuple[list[tuple[bytes, int]], bool]:
+  """The records of an events file that read and parse, with their steps, and whether the file held more
+  (a damaged record: TensorBoard's reader stops there)."""
+  from google.protobuf.message import DecodeError
   from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
   from tensorboard.compat.proto.event_pb2 import Event
+  records, damaged = [], False
+  for record in RawEventFileLoader(str(path)).Load():
+    try:
+      records.append((record, Event.FromString(record).step))
+    except DecodeError:
+      damaged = True
+      break
+  framed = sum(len(record) + 16 for record, _ in records)     # length, its CRC, the data, the data's CRC
+  return records, damaged or framed < path.stat().st_size
+
+
+def cut_events_files(workdir: pathlib.Path, last_step: int) -> Cut:
+  """Drops the TensorBoard events past `last_step`, and a damaged record with whatever follows it, from
+  the events files of `workdir`. TensorBoard would otherwise draw the killed run's steps and the resumed
+  run's on top of each other."""
+  paths = sorted(workdir.glob('events.out.tfevents.*'))
+  if not paths:
+    return Cut(0, 0)
   from tensorboard.summary.writer.record_writer import RecordWriter
-  dropped = 0
+  after = damaged = 0
   for path in paths:
-    records = list(RawEventFileLoader(str(path)).Load())
-    kept = [r for r in records if Event.FromString(r).step <= last_step]
-    if len(kept) < len(records):
+    records, cut_short = _events(path)
+    kept = [record for record, step in records if step <= last_step]
+    if len(kept) < len(records) or cut_short:
       temporary = path.with_name(path.name + '.cut')
       with open(temporary, 'wb') as f:
         writer = RecordWriter(f)
         for record in kept:
           writer.write(record)
       os.replace(temporary, path)
-      dropped += len(records) - len(kept)
-  return dropped
+      after, damaged = after + len(records) - len(kept), damaged + int(cut_short)
+  return Cut(after, damaged)
 
 
 class MetricsLog:
@@ -90,9 +128,12 @@ class MetricsLog:
     self.uniform_entropy, self.collapsed = math.log(out_dim), set()
     if self.primary:
       lines, events = cut_metrics_file(workdir / 'metrics.jsonl', start), cut_events_files(workdir, start)
-      if lines or events:
-        print(f'Dropped what an interrupted run had logged after step {start} ({lines} lines of metrics.jsonl, '
-              f'{events} TensorBoard values): those steps are trained again.', flush=True)
+      if any(lines) or any(events):
+        unreadable = (f'; {lines.damaged} unreadable lines and {events.damaged} unreadable TensorBoard records '
+                      '(cut short) also dropped' if lines.damaged or events.damaged else '')
+        print(f'Dropped what an interrupted run had logged after step {start} ({lines.after} lines of '
+              f'metrics.jsonl, {events.after} TensorBoard values): those steps are trained again{unreadable}.',
+              flush=True)
     self.writer = self.progress = None
     try:
       metric_writers, periodic_actions = clu_writers()
@@ -129,14 +170,17 @@ class MetricsLog:
     self.pending = []
     for bad_step, metrics in fetched:
       for name, value in metrics.items():
-        if not np.all(np.isfinite(value)):
+        if not name.startswith(HEALTH) and not np.all(np.isfinite(value)):
           raise FloatingPointError(
               f'Non-finite {name} at step {bad_step}; stopping. The last good checkpoint is '
               f'{"step " + str(last_good) if last_good is not None else "none"} in {self.workdir / "checkpoints"}.')
     if not fetched:
       return
-    reduce = lambda k: np.sum if k in COUNTS else np.mean
-    line = {k: float(reduce(k)([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+    line = {}
+    for name in fetched[-1][1]:
+      values = [float(m[name]) for _, m in fetched if np.isfinite(m[name])]   # health: the measured steps
+      if values:
+        line[name] = float(np.sum(values) if name in COUNTS else np.mean(values))
     seconds_per_step = max(time.time() - self.last_time, 1e-9) / max(step - self.last_step, 1)
     line['images_per_s'] = self.batch_size / seconds_per_step
     self.write(step, line)
