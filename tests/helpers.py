@@ -138,8 +138,10 @@ def env(devices: int) -> dict:
   return e
 
 
-def start(workdir, *overrides, devices=2, extra_env=None) -> subprocess.Popen:
-  command = [sys.executable, '-m', 'udi_jax.main', f'--config={TRAIN_CONFIG}', f'--workdir={workdir}', *overrides]
+def start(workdir, *overrides, devices=2, extra_env=None, fault=None) -> subprocess.Popen:
+  """`python -m udi_jax.main` on the tiny training config (with a fault of `tests/faulty_main.py`)."""
+  entry = ['udi_jax.main'] if fault is None else ['tests.faulty_main', fault]
+  command = [sys.executable, '-m', *entry, f'--config={TRAIN_CONFIG}', f'--workdir={workdir}', *overrides]
   return subprocess.Popen(command, cwd=REPO, env={**env(devices), **(extra_env or {})},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -164,6 +166,15 @@ def wait_for_checkpoint(workdir, step, process, timeout=300) -> int:
     assert process.poll() is None, finish(process)
     time.sleep(0.05)
   raise TimeoutError(f'no checkpoint {step} in {workdir}')
+
+
+def damage(run, step):
+  """Truncates the largest data file of a checkpoint's state to half, deletes the second largest."""
+  files = sorted((p for p in (pathlib.Path(run) / 'checkpoints' / str(step) / 'state').rglob('*')
+                  if p.parent.name == 'd'), key=lambda p: p.stat().st_size)
+  with open(files[-1], 'r+b') as f:
+    f.truncate(files[-1].stat().st_size // 2)
+  files[-2].unlink()
 
 
 # ---- Reading a run.

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import jax
@@ -19,9 +20,9 @@ import pytest
 from absl import logging
 
 from tests import tiny_train_config
-from tests.helpers import (checkpoint_steps, finish, identity_step, metrics_by_step, restore, start,
+from tests.helpers import (checkpoint_steps, damage, finish, identity_step, metrics_by_step, restore, start,
                            state_handed_to_the_step)
-from udi_jax.errors import UserError
+from udi_jax.errors import ConfigError, UserError
 from udi_jax.train import loop
 from udi_jax.train import workdir as workdir_lock
 from udi_jax.train.checkpoint import Checkpoints, restore_run
@@ -51,15 +52,16 @@ def test_a_second_run_is_refused_while_the_first_holds_the_workdir(tmp_path):
 
 
 def test_a_stale_lock_is_taken_over_and_a_lock_of_another_host_is_not(tmp_path, caplog):
+  """A lock file nobody holds (its run was killed; here: a pid that is gone, and this process's own pid as
+  if reused) is taken over with a warning; one written on another host is left alone."""
   gone = subprocess.Popen(['true'])
   gone.wait()
-  reused = {'pid': os.getpid(), 'process_start': 'an earlier process with this pid'}
-  for stale in ({'pid': gone.pid}, reused):
-    run = tmp_path / str(stale['pid'])
+  for pid in (gone.pid, os.getpid()):
+    run = tmp_path / str(pid)
     run.mkdir()
-    (run / 'run.lock').write_text(json.dumps({'host': socket.gethostname(), **stale}))
+    (run / 'run.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': pid, 'started': 'earlier'}))
     with caplog.at_level(logging.WARNING), held_workdir(run):
-      assert json.loads((run / 'run.lock').read_text())['process_start'] != 'an earlier process with this pid'
+      assert json.loads((run / 'run.lock').read_text())['started'] != 'earlier'
     assert any(f'Taking over the stale lock {run / "run.lock"}' in r.getMessage() for r in caplog.records)
     assert not (run / 'run.lock').exists()
   (tmp_path / 'run.lock').write_text(json.dumps({'host': 'elsewhere', 'pid': gone.pid}))
@@ -67,6 +69,45 @@ def test_a_stale_lock_is_taken_over_and_a_lock_of_another_host_is_not(tmp_path, 
     with held_workdir(tmp_path):
       pass
   assert (tmp_path / 'run.lock').exists()          # not ours: left alone
+
+
+def test_two_runs_taking_over_one_stale_lock_cannot_both_win(tmp_path, monkeypatch):
+  """Two rivals meet inside the takeover: both have read the stale lock (a barrier holds each there until
+  the other has read it too), then one goes on at once and the other a moment later, the order in which
+  a claim by reading, unlinking and creating the file lets both through. Exactly one may win."""
+  lock = tmp_path / 'run.lock'
+  for round_ in range(5):
+    lock.write_text(json.dumps({'host': socket.gethostname(), 'pid': 1 << 30, 'started': 'earlier'}))
+    barrier, reads, lag = threading.Barrier(2, timeout=30), [], threading.local()
+
+    def read_at_the_barrier(text, real=json.loads):
+      holder = real(text)
+      if len(reads) < 2:
+        reads.append(1)
+        barrier.wait()
+        time.sleep(getattr(lag, 'seconds', 0))
+      return holder
+    monkeypatch.setattr(workdir_lock.json, 'loads', read_at_the_barrier)
+    outcomes = [None, None]
+
+    def rival(i):
+      lag.seconds = 0.2 * i
+      try:
+        outcomes[i] = workdir_lock._take(lock)
+      except UserError as e:
+        outcomes[i] = e
+    threads = [threading.Thread(target=rival, args=(i,)) for i in range(2)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(60)
+    monkeypatch.undo()
+    winners = [o for o in outcomes if not isinstance(o, UserError)]
+    losers = [o for o in outcomes if isinstance(o, UserError)]
+    assert len(winners) == 1 and len(losers) == 1, (round_, outcomes)
+    assert 'is in use by another run' in str(losers[0])
+    workdir_lock._release(lock, winners[0])
+    assert not lock.exists()
 
 
 def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
@@ -101,6 +142,30 @@ def test_each_mistake_is_one_sentence_with_exit_code_2(tmp_path, overrides, word
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
+@pytest.mark.parametrize('overrides,words', [
+    ({'eval.report': True, 'eval.train_source': 'imagefolder:{tmp}/nothing'},
+     'config.eval.train_source: the image folder {tmp}/nothing does not exist'),
+    ({'eval.knn_every_epochs': 1, 'eval.test_source': 'tfds:mnist:test', 'data.data_dir': '{tmp}'},
+     "The tfds dataset 'mnist' is not prepared in {tmp}"),
+    ({'eval.knn_every_epochs': 1, 'eval.test_source': 'mnist5k:validation'},
+     "mnist5k has the splits train and test, not 'validation'"),
+    ({'eval.report': True, 'eval.dense_source': 'segfolder:{tmp}'},
+     'segfolder:{tmp} needs {tmp}/images/training/NAME.jpg'),
+    ({'eval.report': True, 'eval.test_source': ''}, 'config.eval.train_source and config.eval.test_source must'),
+])
+def test_an_evaluation_source_that_cannot_be_opened_is_refused_before_training(tmp_path, overrides, words):
+  """The evaluation during training and the report open their sources after training: a wrong one is
+  refused at the start instead, before the workdir is made."""
+  config = tiny_train_config.get_config()
+  for field, value in overrides.items():
+    section, name = field.split('.')
+    config[section][name] = value.format(tmp=tmp_path) if isinstance(value, str) else value
+  with pytest.raises(ConfigError) as refused:
+    loop.train_and_evaluate(config, tmp_path / 'run')
+  assert words.format(tmp=tmp_path) in str(refused.value)
+  assert not (tmp_path / 'run').exists()
+
+
 def test_evaluating_a_checkpoint_that_does_not_exist_lists_those_that_do(tiny_run):
   _, workdir = tiny_run
   sentence = refusal(start(workdir, '--mode=eval', '--config.eval.checkpoint=999999'))
@@ -115,15 +180,6 @@ def copy_of(run, to, steps=None):
   shutil.copytree(run, to, ignore=lambda d, names: [n for n in names if n in ('eval', 'export') or (
       steps is not None and d.endswith('checkpoints') and n.isdigit() and int(n) not in steps)])
   return to
-
-
-def damage(run, step):
-  """Truncates the largest data file of a checkpoint's state to half, deletes the second largest."""
-  files = sorted((p for p in (run / 'checkpoints' / str(step) / 'state').rglob('*') if p.parent.name == 'd'),
-                 key=lambda p: p.stat().st_size)
-  with open(files[-1], 'r+b') as f:
-    f.truncate(files[-1].stat().st_size // 2)
-  files[-2].unlink()
 
 
 def events_steps(run) -> list[int]:

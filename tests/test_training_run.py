@@ -6,19 +6,22 @@ Subprocess runs use the same config on 8 devices, so they compile the same step 
 compilation cache of the session) and must reproduce it.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import re
+import shutil
 import signal
 import socket
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from tests import tiny_train_config
-from tests.helpers import (checkpoint_steps, compare_student, finish, identity_step, init_config, metrics_by_step,
-                           restore, start, state_handed_to_the_step, wait_for_checkpoint)
+from tests.helpers import (checkpoint_steps, compare_student, damage, finish, identity_step, init_config,
+                           metrics_by_step, restore, start, state_handed_to_the_step, wait_for_checkpoint)
 from udi_jax.train import loop
 from udi_jax.train.loop import train_and_evaluate
 
@@ -192,16 +195,38 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def two_processes(workdir, overrides: dict, fault=None) -> list:
+  port = free_port()
+  return [start(workdir, *[f'--config.{k}={v}' for k, v in overrides.items()], f'--coordinator_address=localhost:{port}',
+                '--num_processes=2', f'--process_id={i}', devices=4, fault=fault) for i in range(2)]
+
+
+def finish_all(processes, timeout=600) -> list[tuple[int, str, str, float]]:
+  """(exit code, stdout, stderr, seconds from the first process's end) of each process; the timeout only
+  catches a hang (a process waiting for a peer that is gone)."""
+  began, ended = time.time(), {}
+  readers = [concurrent.futures.ThreadPoolExecutor(1).submit(finish, p, timeout) for p in processes]
+  while len(ended) < len(processes) and time.time() - began < timeout:
+    for i, reader in enumerate(readers):
+      if i not in ended and reader.done():
+        ended[i] = time.time()
+    time.sleep(0.05)
+  first = min(ended.values(), default=began)
+  return [(*reader.result(), ended.get(i, float('inf')) - first) for i, reader in enumerate(readers)]
+
+
 @pytest.mark.slow
 def test_two_processes_over_localhost_equal_one_process(tmp_path):
   """2 processes x 4 devices (gloo collectives) vs 1 process x 8 devices (this one), every step. Multi-host
   concerns the input split, the collectives and the checkpoints, not the network: a one-block ViT without
-  photometric augmentation compiles in half the time."""
+  photometric augmentation compiles in half the time.
+
+  Then, at once: the two processes resume past a checkpoint damaged on the shared disk (process 0 chooses
+  the step, both restore it) and again equal the one process; and two faults on one process stop both
+  processes together: an error that is not the user's on process 0 while it takes the lock, and a restore
+  that fails on process 1 alone."""
   overrides = {'model.depth': 1, 'data.augment': False, 'checkpoint_every_steps': 0}
-  port = free_port()
-  processes = [start(tmp_path / 'multi', *[f'--config.{k}={v}' for k, v in overrides.items()],
-                     f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}',
-                     devices=4) for i in range(2)]
+  processes = two_processes(tmp_path / 'multi', overrides)
   config = tiny_train_config.get_config()
   config.model.depth, config.data.augment, config.checkpoint_every_steps = overrides.values()
   train_and_evaluate(config, str(tmp_path / 'single'))
@@ -217,3 +242,35 @@ def test_two_processes_over_localhost_equal_one_process(tmp_path):
   worst, _ = compare_student(got.student, want.student, [])
   print(f'2 processes vs 1 process: worst student tensor error {worst:.1e}')
   assert worst <= 1e-5
+
+  damage(tmp_path / 'multi', 12)
+  shutil.copytree(tmp_path / 'multi', tmp_path / 'restore_fault')
+  runs = {'resume': two_processes(tmp_path / 'multi', overrides),
+          'lock': two_processes(tmp_path / 'lock_fault', overrides, fault='lock_error'),
+          'restore': two_processes(tmp_path / 'restore_fault', overrides, fault='restore_error_on_1')}
+  ended = {name: finish_all(processes) for name, processes in runs.items()}
+  print('seconds between the two processes\' ends:', {name: round(max(e[3] for e in ends), 1)
+                                                      for name, ends in ended.items()})
+  (code0, out0, err0, _), (code1, _, err1, _) = ended['resume']
+  assert code0 == code1 == 0, err0[-3000:] + err1[-3000:]
+  assert 'Skipped the checkpoint of step 12: a file of its state is damaged' in out0
+  assert 'Resuming from the checkpoint of step 8' in out0
+  ours = metrics_by_step(tmp_path / 'multi')
+  for step in range(9, TOTAL_STEPS + 1):
+    assert ours[step]['loss'] == pytest.approx(ref[step]['loss'], rel=1e-5), step
+  got, _ = restore(tmp_path / 'multi', config)
+  assert compare_student(got.student, want.student, [])[0] <= 1e-5
+
+  (code0, _, err0, _), (code1, _, err1, _) = ended['lock']
+  assert code0 == 1 and 'PermissionError: [Errno 13] Permission denied (injected)' in err0, err0[-3000:]
+  assert code1 == 2 and err1.strip().splitlines()[-1] == (
+      f'Error: Process 0 could not claim the workdir {tmp_path / "lock_fault"}; see its output.'), err1[-3000:]
+  assert not (tmp_path / 'lock_fault' / 'checkpoints').exists()
+
+  refused = [e[2].strip().splitlines()[-1] for e in ended['restore']]
+  assert [e[0] for e in ended['restore']] == [2, 2], refused
+  for sentence in refused:
+    assert sentence.startswith(f'Error: The checkpoint of step 8 in {tmp_path / "restore_fault" / "checkpoints"} '
+                               'could not be restored on process 1'), sentence
+  assert 'injected read failure' in refused[1]
+  assert checkpoint_steps(tmp_path / 'restore_fault') == [4, 8, 12]

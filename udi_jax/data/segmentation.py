@@ -183,25 +183,39 @@ def segment_folder(root: str, split: str, num_classes: int) -> FolderSegSource:
                     len(paired), image_dir, mask_dir, ', '.join(missing[:3]), ', ...' if len(missing) > 3 else '')
   if not kept:
     raise ValueError(f'{layout}; no image in {image_dir} has its annotation NAME.png in {mask_dir}.')
-  if num_classes < 1:
-    raise ValueError('config.eval.dense_num_classes must give the number of classes of a segfolder source '
-                     '(class ids 0 .. N-1 in the annotations; 255 = ignore).')
+  _need_classes(f'segfolder:{root}', num_classes)
   return FolderSegSource([i for i, _ in kept], [m for _, m in kept], num_classes)
+
+
+def _tfds_split(name: str, split: str) -> str:
+  return TFDS_SPLITS.get(name, {}).get(split, 'train' if split == 'training' else 'validation')
+
+
+def _mask_key(name: str, features) -> str:
+  """The per-pixel class map's feature of a tfds dataset (ValueError if it has none)."""
+  key = next((k for k in TFDS_MASK_KEYS if k in (features or {})), None)
+  if key is None:
+    raise ValueError(f'The tfds dataset {name!r} has no per-pixel class map (none of {TFDS_MASK_KEYS}); '
+                     'choose a segmentation dataset such as scene_parse150.')
+  return key
+
+
+def _need_classes(spec: str, num_classes: int) -> None:
+  if num_classes < 1:
+    raise ValueError(f'config.eval.dense_num_classes must give the number of classes of {spec} (class ids '
+                     '0 .. N-1 in the annotations, 255 = ignore; scene_parse150 / ADE20K: 151 raw, 150 with '
+                     'config.eval.dense_reduce_zero_label).')
 
 
 def tfds_segmentation(name: str, split: str, data_dir: Optional[str], num_classes: int) -> TfdsSegSource:
   from udi_jax.data.sources import tfds_source
-  tfds_split = TFDS_SPLITS.get(name, {}).get(split, 'train' if split == 'training' else 'validation')
-  opened = tfds_source(name, tfds_split, data_dir)
+  opened = tfds_source(name, _tfds_split(name, split), data_dir)
   source = getattr(opened, 'source', None)
-  features = getattr(getattr(source, 'dataset_info', None), 'features', {}) or {}
-  key = next((k for k in TFDS_MASK_KEYS if k in features), None)
-  if source is None or key is None:
-    raise ValueError(f'The tfds dataset {name!r} has no per-pixel class map (none of {TFDS_MASK_KEYS}); '
-                     'choose a segmentation dataset such as scene_parse150.')
-  if num_classes < 1:
-    raise ValueError(f'config.eval.dense_num_classes must give the number of classes of tfds:{name} '
-                     '(scene_parse150: 151, 0 = "other").')
+  if source is None:
+    raise ValueError(f'The tfds dataset {name!r} is stored as TFRecord; convert it with `tfds build {name} '
+                     '--file_format=array_record` to evaluate on it.')
+  key = _mask_key(name, getattr(source.dataset_info, 'features', None))
+  _need_classes(f'tfds:{name}', num_classes)
   return TfdsSegSource(source, num_classes, key)
 
 
@@ -218,6 +232,20 @@ def open_segmentation(spec: str, split: str, data_dir: Optional[str] = None, num
   if kind == 'segfolder':
     return segment_folder(rest, split, num_classes)
   return tfds_segmentation(rest, split, data_dir, num_classes)
+
+
+def probe_segmentation(spec: str, data_dir: Optional[str] = None, num_classes: int = 0) -> None:
+  """Checks, without reading an image, that both splits of `spec` can be opened (ValueError otherwise)."""
+  from udi_jax.data.sources import prepared_builder
+  check_spec(spec)
+  kind, _, rest = spec.partition(':')
+  for split in SPLITS:
+    if kind == 'segfolder':
+      segment_folder(rest, split, num_classes)
+    elif kind == 'tfds':
+      builder = prepared_builder(rest, _tfds_split(rest, split), data_dir)
+      _mask_key(rest, builder.info.features)
+      _need_classes(spec, num_classes)
 
 
 def decode_mask(mask: bytes | np.ndarray, num_classes: int) -> Image.Image:

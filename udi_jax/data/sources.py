@@ -175,15 +175,10 @@ def _tfds_quiet():
     logging.set_verbosity(verbosity)
 
 
-def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
+def prepared_builder(name: str, split: str, data_dir: str | None):
+  """The tfds builder of a prepared dataset that has `split`, or ValueError saying in one sentence what
+  is missing (nothing is read)."""
   import tensorflow_datasets as tfds
-  skip = {'image': tfds.decode.SkipDecoding()}
-  try:
-    with _tfds_quiet():
-      source = tfds.data_source(name, split=split, data_dir=data_dir, decoders=skip, download=False)
-    return TfdsSource(source, num_classes=_label_classes(source.dataset_info, 'label'))
-  except Exception as e:   # diagnose: unknown, not prepared, or stored as TFRecord
-    error = e
   where = data_dir or 'the default tfds data dir (~/tensorflow_datasets)'
   with _tfds_quiet():
     try:
@@ -194,13 +189,30 @@ def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
     build = f'`tfds build {name} --file_format=array_record{" --data_dir=" + data_dir if data_dir else ""}`'
     if not builder.is_prepared():
       raise ValueError(f'The tfds dataset {name!r} is not prepared in {where}; prepare it with {build}, '
-                       'or set config.data.data_dir to where it is prepared.') from error
+                       'or set config.data.data_dir to where it is prepared.')
   if split not in builder.info.splits:
     raise ValueError(f'The tfds dataset {name!r} has no split {split!r}; choose one of '
-                     f'{sorted(builder.info.splits)}.') from error
+                     f'{sorted(builder.info.splits)}.')
+  return builder
+
+
+def tfds_source(name: str, split: str, data_dir: str | None = None) -> Source:
+  import tensorflow_datasets as tfds
+  skip = {'image': tfds.decode.SkipDecoding()}
+  try:
+    with _tfds_quiet():
+      source = tfds.data_source(name, split=split, data_dir=data_dir, decoders=skip, download=False)
+    return TfdsSource(source, num_classes=_label_classes(source.dataset_info, 'label'))
+  except Exception as e:   # diagnose: unknown, not prepared, or stored as TFRecord
+    error = e
+  try:
+    builder = prepared_builder(name, split, data_dir)
+  except ValueError as e:
+    raise e from error
   if builder.info.file_format == tfds.core.FileFormat.TFRECORD:
     return _tfrecord_in_memory(builder, split)
-  raise ValueError(f'The tfds dataset {name!r} could not be opened from {where} '
+  raise ValueError(f'The tfds dataset {name!r} could not be opened from '
+                   f'{data_dir or "the default tfds data dir (~/tensorflow_datasets)"} '
                    f'({type(error).__name__}: {str(error)[:300]}).') from error
 
 
@@ -251,6 +263,36 @@ def open_source(spec: str, data_dir: str | None = None) -> Source:
       return image_folder(path, split)
     return image_folder(rest)
   raise ValueError(f'Unknown data source {spec!r}; use {FORMS}.')
+
+
+def probe_source(spec: str, data_dir: str | None = None, field: str = 'config.data.source') -> None:
+  """Checks, cheaply, that `open_source(spec)` will find its data (the dataset prepared with its split, the
+  folder with a class folder holding an image); ValueError naming the problem and `field` otherwise."""
+  check_spec(spec, field)
+  kind, _, rest = spec.partition(':')
+  if kind in BUNDLED:
+    _split_fixed(0, rest or 'train', kind)
+  elif kind == 'tfds':
+    name, _, split = rest.partition(':')
+    prepared_builder(name, split or 'train', data_dir)
+  else:
+    path, sep, split = rest.rpartition(':')
+    root = pathlib.Path(path, split) if sep and pathlib.Path(path, split).is_dir() else pathlib.Path(rest)
+    root = root.expanduser()
+    if not root.is_dir():
+      raise ValueError(f'{field}: the image folder {root} does not exist; give "imagefolder:/path/to/images" '
+                       'holding one subfolder per class.')
+    if not any(_holds_an_image(entry) for entry in os.scandir(root) if entry.is_dir()):
+      raise ValueError(f'{field}: the image folder {root} holds no images (.jpg, .jpeg, .png, .webp) in class '
+                       'subfolders; use the layout ROOT/<class>/<image>.')
+
+
+def _holds_an_image(folder: os.DirEntry) -> bool:
+  """Whether a class folder (or a folder below it) holds an image; stops at the first."""
+  for dirpath, _, files in os.walk(folder.path, followlinks=True):
+    if any(f.lower().endswith(IMAGE_SUFFIXES) for f in files):
+      return True
+  return False
 
 
 def training_source(config) -> Source:

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from udi_jax.data import segmentation
-from udi_jax.data.sources import Source, check_spec, decode_image, limit, open_source
+from udi_jax.data.sources import Source, check_spec, decode_image, limit, open_source, probe_source
 from udi_jax.errors import config_errors
 from udi_jax.evaluate import attention, dense, diagnostics, features, knn, linear
 from udi_jax.models.networks import CLS, CLS_PLUS, Networks
@@ -57,6 +57,20 @@ def check_config(config) -> None:
   if size % config.model.patch_size:
     raise ValueError(f'config.eval.dense_size={size} is not a multiple of config.model.patch_size='
                      f'{config.model.patch_size}; choose a multiple of it.')
+
+
+def probe_sources(config) -> None:
+  """Refuses, before a run trains, evaluation sources that it would fail to open at its k-NN or report
+  (checked cheaply: nothing is read, an image folder is not walked)."""
+  ev = config.eval
+  if not ev.train_source or not ev.test_source:
+    raise ValueError('config.eval.train_source and config.eval.test_source must name the splits to '
+                     'evaluate on, e.g. mnist5k:train and mnist5k:test (or set config.eval.report=False and '
+                     'config.eval.knn_every_epochs=0).')
+  for field in ('train_source', 'test_source'):
+    probe_source(ev[field], config.data.data_dir or None, f'config.eval.{field}')
+  if ev.dense_source:
+    segmentation.probe_segmentation(ev.dense_source, config.data.data_dir or None, ev.dense_num_classes)
 
 
 def evaluated_network(config, state) -> dict:

@@ -5,7 +5,8 @@ asynchronous (a save waits for the one before it); `wait` blocks until the last 
 writes a step into a temporary directory and renames it when complete, so a save cut short leaves no
 step behind; a step damaged afterwards (a truncated or deleted file) is found by `damage`, which reads
 every stored array's bytes, and skipped: restoring without a step takes the newest one that restores
-and lists the ones it skipped. `restore_run` opens a finished or running run's checkpoint for export,
+and lists the ones it skipped. On several processes, process 0 alone reads the arrays and chooses the
+step; a step that fails to restore on any process stops every process with the same sentence. `restore_run` opens a finished or running run's checkpoint for export,
 evaluation and tests.
 """
 
@@ -46,6 +47,38 @@ def _type_handlers() -> ocp.type_handlers.TypeHandlerRegistry:
   return registry
 
 
+@dataclasses.dataclass(frozen=True)
+class RestoreFailure:
+  """What `AgreedRestore` returns in place of the state when reading it failed on this process."""
+  why: str
+
+
+def _describe(e: Exception) -> str:
+  return f'{type(e).__name__}: {str(e).splitlines()[0][:160]}' if str(e) else type(e).__name__
+
+
+class AgreedRestore(ocp.PyTreeCheckpointHandler):
+  """orbax's PyTree handler, whose restore returns a `RestoreFailure` instead of raising. orbax ends a
+  restore with a barrier of all processes: a process that raised before it would leave the others waiting
+  there; this way every process reaches it, and they then agree on the outcome (`Checkpoints.restore`)."""
+
+  def restore(self, directory, args=None):
+    try:
+      return super().restore(directory, args=args)
+    except Exception as e:   # pylint: disable=broad-except  (orbax and tensorstore raise bare Exceptions)
+      return RestoreFailure(_describe(e))
+
+
+@ocp.args.register_with_handler(AgreedRestore, for_save=True)
+class StateSave(ocp.args.PyTreeSave):
+  """orbax's PyTree save arguments, for the item `AgreedRestore` handles."""
+
+
+@ocp.args.register_with_handler(AgreedRestore, for_restore=True)
+class StateRestore(ocp.args.PyTreeRestore):
+  """orbax's PyTree restore arguments, for the item `AgreedRestore` handles."""
+
+
 def checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
   """A run's workdir or its `checkpoints/` directory -> the checkpoints directory."""
   path = pathlib.Path(path)
@@ -57,7 +90,7 @@ class Checkpoints:
                asynchronous: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period, create=True,
                                            enable_async_checkpointing=asynchronous)
-    handlers = {'state': ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+    handlers = {'state': AgreedRestore(type_handler_registry=_type_handlers()),
                 'data': ocp.JsonCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
                                          item_handlers=handlers)
@@ -67,7 +100,7 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = True) -> bool:
     return self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
+        state=StateSave(state), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config)))
 
   def steps(self) -> list[int]:
@@ -97,18 +130,49 @@ class Checkpoints:
       return f'{len(missing)} of its arrays have no data (e.g. {missing[0].decode(errors="replace")})'
     return None
 
-  def _agreed_damage(self, step: int) -> Optional[str]:
-    """`damage` as process 0 sees it, on every process (they must restore the same step)."""
-    problem = self.damage(step)
+  def choose(self, candidates: list[int]) -> tuple[Optional[int], list[tuple[int, str]]]:
+    """(the first of `candidates` that `damage` finds whole, or None; the (step, reason) of those before it).
+    Process 0 reads the arrays and decides; every process gets its choice (they must restore one step)."""
+    chosen, skipped = None, []
+    if jax.process_index() == 0:
+      for candidate in candidates:
+        problem = self.damage(candidate)
+        if problem is None:
+          chosen = candidate
+          break
+        skipped.append((candidate, problem))
     if jax.process_count() > 1:
-      bad = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
-      problem = (problem or 'damaged on process 0') if bad else None
-    return problem
+      index = multihost_utils.broadcast_one_to_all(np.int32(len(skipped)))
+      skipped = skipped or [(c, 'damaged (found on process 0)') for c in candidates[:int(index)]]
+      chosen = candidates[int(index)] if int(index) < len(candidates) else None
+    return chosen, skipped
+
+  def _restore_step(self, step: int, abstract_state: Any, restore_args: Any) -> tuple[Any, Optional[str]]:
+    """(the restored items or None, why not); across processes, a failure on any one fails them all."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=StateRestore(abstract_state, restore_args=restore_args), data=ocp.args.JsonRestore()))
+      problem = restored['state'].why if isinstance(restored['state'], RestoreFailure) else None
+    except Exception as e:   # pylint: disable=broad-except  (orbax raises bare Exceptions for bad data)
+      problem = _describe(e)
+    if problem is not None:
+      restored = None
+    if jax.process_count() > 1:
+      failed = np.asarray(multihost_utils.process_allgather(np.int32(problem is not None))).reshape(-1)
+      if failed.any():
+        where = ', '.join(str(i) for i in np.flatnonzero(failed))
+        raise UserError(f'The checkpoint of step {step} in {self.manager.directory} could not be restored on '
+                        f'process {where}{f" ({problem})" if problem else ""}, so every process stops; see '
+                        f'the output of process {where}, and move that step directory away to resume from '
+                        'the one before it.')
+    return restored, problem
 
   def restore(self, abstract_state: Any, step: Optional[int] = None
               ) -> tuple[Any, dict, int, list[tuple[int, str]]]:
     """(state, data state, step, skipped) of `step`, or of the newest checkpoint that restores, into
-    `abstract_state`'s shardings; `skipped` lists the newer (step, reason) that could not be restored."""
+    `abstract_state`'s shardings; `skipped` lists the newer (step, reason) that could not be restored.
+    Every process restores the same step: process 0 chooses it (`choose`); a step that fails to restore
+    on one process stops them all (UserError), where a single process goes on to the step before it."""
     candidates = [step] if step is not None else self.steps()[::-1]
     if not candidates:
       raise FileNotFoundError(f'No checkpoint in {self.manager.directory}.')
@@ -117,17 +181,16 @@ class Checkpoints:
                       f'are {self.steps() or "none"}.')
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
     skipped = []
-    for candidate in candidates:
-      problem = self._agreed_damage(candidate)
-      if problem is None:
-        try:
-          restored = self.manager.restore(candidate, args=ocp.args.Composite(
-              state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args),
-              data=ocp.args.JsonRestore()))
-          return restored['state'], restored['data'], candidate, skipped
-        except Exception as e:   # pylint: disable=broad-except  (orbax raises bare Exceptions for bad data)
-          problem = f'{type(e).__name__}: {str(e).splitlines()[0][:160]}'
-      skipped.append((candidate, problem))
+    while candidates:
+      chosen, damaged = self.choose(candidates)
+      skipped += damaged
+      if chosen is None:
+        break
+      restored, problem = self._restore_step(chosen, abstract_state, restore_args)
+      if restored is not None:
+        return restored['state'], restored['data'], chosen, skipped
+      skipped.append((chosen, problem))
+      candidates = candidates[candidates.index(chosen) + 1:]
     listed = '; '.join(f'step {s}: {why}' for s, why in skipped)
     raise UserError(f'No checkpoint in {self.manager.directory} can be restored ({listed}); move the damaged '
                     'step directories away to train from the start, or restore them from a backup.')
@@ -181,8 +244,8 @@ def restore_run(path: str | pathlib.Path, step: Optional[int] = None,
     if not checkpoints.steps():
       raise missing
     if config is None:      # the shapes: from the requested step's config, else the newest undamaged one's
-      newest = step if step in checkpoints.steps() else next(
-          (s for s in checkpoints.steps()[::-1] if not checkpoints.damage(s)), checkpoints.steps()[-1])
+      newest = step if step in checkpoints.steps() else (
+          checkpoints.choose(checkpoints.steps()[::-1])[0] or checkpoints.steps()[-1])
       config = ConfigDict(checkpoints.restore_config(newest))
     trainer = Trainer.from_config(config, steps_per_epoch=1)         # shapes only
     abstract = abstract_state(trainer.nets, trainer.tx, data_mesh())

@@ -197,6 +197,8 @@ def _settings(config) -> tuple[RunSettings, PipelineSettings, Source, Trainer]:
     run = RunSettings.from_config(config, jax.device_count(), jax.process_count())
     pipe_settings = settings_from_config(config)
     evaluation.check_config(config)
+    if config.eval.report or run.knn_every_epochs:     # found now, not at the end of training
+      evaluation.probe_sources(config)
     source = training_source(config)
     if len(source) < run.batch_size:
       raise ValueError(f'config.data.source={config.data.source} has {len(source)} examples, fewer than '

@@ -1,24 +1,26 @@
 """A training run's hold on its workdir: the directory is created and must be writable, and one run at a
 time trains in it.
 
-The holder is recorded in `WORKDIR/run.lock` (host, pid, start time, command), created atomically and
-removed when the run ends, however it ends short of a SIGKILL. A second run finds the file and is refused
-with a sentence naming the holder. A lock left by a SIGKILL or a crash is stale when its process is gone
-on this host (or the pid now belongs to a process started later): it is taken over with a warning. A lock
-from another host cannot be checked from here; if that run is gone, delete the file. On a multi-host run
-process 0 takes the lock and every process learns whether it got it.
+The hold is an exclusive `flock` on `WORKDIR/run.lock`, kept on an open descriptor for the whole run: the
+kernel releases it when the process ends, however it ends (a SIGKILL included), and two runs can never
+both hold it. The file also records the holder (host, pid, start time, command) for the messages. A
+second run is refused with a sentence naming the holder; a file whose lock nobody holds is left from a
+run that is gone, and is taken over with a warning. A file written on another host is assumed to be held
+(a shared file system may not carry locks between hosts): if that run is gone, delete the file. On a
+multi-host run process 0 takes the lock, and every process learns whether it got it, whatever stopped it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
 import socket
 import sys
 import time
-from typing import Iterator, Optional
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -30,31 +32,9 @@ from udi_jax.errors import UserError
 LOCK_FILE = 'run.lock'
 
 
-def _process_start(pid: int) -> Optional[str]:
-  """The start time of a process (Linux /proc, in clock ticks since boot), or None where unknown."""
-  try:
-    return pathlib.Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]
-  except (OSError, IndexError):
-    return None
-
-
 def _this_process() -> dict:
-  return {'host': socket.gethostname(), 'pid': os.getpid(), 'process_start': _process_start(os.getpid()),
-          'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'command': ' '.join(sys.argv)}
-
-
-def _running(holder: dict) -> bool:
-  """Whether the process that wrote a lock may still run (a lock from another host: assumed so)."""
-  if holder.get('host') != socket.gethostname() or not isinstance(holder.get('pid'), int):
-    return True
-  try:
-    os.kill(holder['pid'], 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:           # another user's process
-    return True
-  started = _process_start(holder['pid'])
-  return holder.get('process_start') is None or started is None or started == holder['process_start']
+  return {'host': socket.gethostname(), 'pid': os.getpid(), 'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+          'command': ' '.join(sys.argv)}
 
 
 def _writable(workdir: pathlib.Path) -> None:
@@ -70,42 +50,74 @@ def _writable(workdir: pathlib.Path) -> None:
                     'can write.') from e
 
 
-def _take(lock: pathlib.Path) -> None:
-  """Creates the lock file, taking over a stale one; UserError if a running process holds it."""
-  workdir = lock.parent
-  for _ in range(3):               # a stale lock removed by a rival in between: try again
+def _read_holder(fd: int) -> dict:
+  """The holder recorded in an open lock file ({} if empty or unreadable)."""
+  try:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return json.loads(os.read(fd, 1 << 16) or b'{}')
+  except (OSError, ValueError):
+    return {}
+
+
+def _in_use(lock: pathlib.Path, holder: dict) -> UserError:
+  return UserError(
+      f'The workdir {lock.parent} is in use by another run (process {holder.get("pid", "?")} on host '
+      f'{holder.get("host", "?")}, started {holder.get("started", "at an unknown time")}); wait for it, '
+      f'choose another --workdir, or, if that run is gone, delete {lock}.')
+
+
+def _take(lock: pathlib.Path) -> int:
+  """Holds the lock file (an exclusive `flock` on an open descriptor, which dies with the process) and
+  records this process in it; returns the descriptor. UserError if a running process holds it.
+
+  The claim is the kernel's lock, so two runs that find the same stale file cannot both win: one gets the
+  lock, the other is refused. The holder's record only words the messages, and keeps the one case flock
+  cannot see: a lock file from another host (a shared file system may not carry locks across hosts), which
+  is assumed running.
+  """
+  for _ in range(3):               # the lock file removed by its holder in between: open it again
     try:
-      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      try:
-        holder = json.loads(lock.read_text())
-      except (OSError, ValueError):
-        holder = {}
-      if _running(holder):
-        raise UserError(
-            f'The workdir {workdir} is in use by another run (process {holder.get("pid", "?")} on host '
-            f'{holder.get("host", "?")}, started {holder.get("started", "at an unknown time")}); wait for it, '
-            f'choose another --workdir, or, if that run is gone, delete {lock}.') from None
+      fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as e:
+      raise UserError(f'The workdir {lock.parent} is not writable ({e.strerror}); choose a --workdir where you '
+                      'can write.') from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_holder(fd)
+      os.close(fd)
+      raise _in_use(lock, holder) from None
+    try:
+      same_file = os.stat(lock).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same_file = False
+    if not same_file:
+      os.close(fd)
+      continue
+    holder = _read_holder(fd)
+    if holder and holder.get('host') != socket.gethostname():
+      os.close(fd)
+      raise _in_use(lock, holder)
+    if holder:
       logging.warning('Taking over the stale lock %s of process %s on %s, which is no longer running.',
                       lock, holder.get('pid'), holder.get('host'))
-      lock.unlink(missing_ok=True)
-      continue
-    except OSError as e:
-      raise UserError(f'The workdir {workdir} is not writable ({e.strerror}); choose a --workdir where you '
-                      'can write.') from e
-    with os.fdopen(fd, 'w') as f:
-      json.dump(_this_process(), f)
-    return
-  raise UserError(f'The workdir {workdir} is being claimed by another run; try again, or choose another '
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, json.dumps(_this_process()).encode())
+    return fd
+  raise UserError(f'The workdir {lock.parent} is being claimed by another run; try again, or choose another '
                   '--workdir.')
 
 
-def _release(lock: pathlib.Path) -> None:
+def _release(lock: pathlib.Path, fd: int) -> None:
+  """Removes the lock file while still holding it (a rival that opened it finds it gone, above), then lets
+  it go."""
   try:
-    if json.loads(lock.read_text()).get('pid') == os.getpid():
+    if os.stat(lock).st_ino == os.fstat(fd).st_ino:
       lock.unlink()
-  except (OSError, ValueError):
+  except OSError:
     pass
+  os.close(fd)
 
 
 @contextlib.contextmanager
@@ -113,22 +125,22 @@ def held_workdir(workdir: str | pathlib.Path) -> Iterator[pathlib.Path]:
   """The workdir, created and locked for this run while the context lasts (UserError if it cannot be)."""
   workdir = pathlib.Path(workdir)
   lock = workdir / LOCK_FILE
-  refusal = None
+  failure, fd = None, None
   if jax.process_index() == 0:
     try:
       _writable(workdir)
-      _take(lock)
-    except UserError as e:
-      refusal = e
+      fd = _take(lock)
+    except Exception as e:         # pylint: disable=broad-except  (whatever it is, the others must hear of it)
+      failure = e
   if jax.process_count() > 1:      # every process stops if process 0 did not get the workdir
-    refused_on_0 = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
-    if refused_on_0 and refusal is None:
-      refusal = UserError(f'Process 0 could not claim the workdir {workdir}; see its output.')
-  if refusal is not None:
-    raise refusal
+    failed_on_0 = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
+    if failed_on_0 and failure is None:
+      failure = UserError(f'Process 0 could not claim the workdir {workdir}; see its output.')
+  if failure is not None:
+    raise failure
   workdir.mkdir(parents=True, exist_ok=True)     # on the other processes
   try:
     yield workdir
   finally:
-    if jax.process_index() == 0:
-      _release(lock)
+    if fd is not None:
+      _release(lock, fd)
