@@ -31,17 +31,22 @@ PRECISION = jax.lax.Precision.HIGH
 
 
 def canvas_crops(image: Image.Image, rng: np.random.Generator, settings: CropSettings,
-                 full_size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+                 full_size: tuple[int, int] | None = None,
+                 extent: tuple[float, float] | None = None) -> dict[str, np.ndarray]:
   """The host half of device crops for one image: {'pixels' (h,w,3) uint8: the image fitted to the canvas,
-  'windows' (2+n_l, 5) in its pixels, 'boxes'}. `full_size`: the (width, height) to draw the boxes on when
-  `image` was reduced before (default its own size)."""
+  'windows' (2+n_l, 5) in its pixels, 'boxes'}. When `image` was reduced before (a draft): `full_size`,
+  the (width, height) to draw the boxes on, and `extent`, that full image's size in `image`'s pixels
+  (`sources.Drafted`); by default both are `image`'s own size."""
   width, height = full_size or image.size
+  extent_w, extent_h = extent or image.size
   if max(image.size) > settings.canvas_size:
     ratio = settings.canvas_size / max(image.size)
-    image = image.resize((max(round(image.width * ratio), 1), max(round(image.height * ratio), 1)),
-                         Image.Resampling.BICUBIC)
+    fitted = image.resize((max(round(image.width * ratio), 1), max(round(image.height * ratio), 1)),
+                          Image.Resampling.BICUBIC)     # PIL maps the whole image onto the whole result
+    extent_w, extent_h = extent_w * fitted.width / image.width, extent_h * fitted.height / image.height
+    image = fitted
   plan = plan_crops(rng, height, width, settings)
-  scale_h, scale_w = image.height / height, image.width / width
+  scale_h, scale_w = extent_h / height, extent_w / width
   windows = np.asarray([(i * scale_h, j * scale_w, h * scale_h, w * scale_w, float(flip))
                         for (i, j, h, w), flip in zip(plan.windows, plan.flips)], np.float32)
   return {'pixels': np.asarray(image, np.uint8), 'windows': windows, 'boxes': plan.boxes}
@@ -87,11 +92,12 @@ def cut(canvas: jax.Array, windows: jax.Array, out_size: int) -> jax.Array:
   size = canvas.shape[0]
   rows = jax.vmap(lambda w: resize_weights(w[0], w[2], out_size, size))(windows)        # (V, o, S)
   cols = jax.vmap(lambda w: resize_weights(w[1], w[3], out_size, size))(windows)
-  cols = jnp.where(windows[:, 4, None, None] > 0.5, cols[:, ::-1], cols)               # flip: mirror the output
   pixels = canvas.astype(jnp.float32)
   wide = _round_pixels(jnp.einsum('hwc,vow->vhoc', pixels, cols, precision=PRECISION))
-  out = _round_pixels(jnp.einsum('vph,vhoc->vpoc', rows, wide, precision=PRECISION))
-  return out.astype(jnp.uint8)
+  out = _round_pixels(jnp.einsum('vph,vhoc->vpoc', rows, wide, precision=PRECISION)).astype(jnp.uint8)
+  # The flip mirrors the finished crop, as the official transforms do. (Mirroring the weights instead gives
+  # the same sums in other rows of the products, which a matmul kernel may round differently: off by one.)
+  return jnp.where(windows[:, 4, None, None, None] > 0.5, out[:, :, ::-1], out)
 
 
 def cut_batch(canvas: jax.Array, windows: jax.Array, global_size: int, local_size: int

@@ -102,15 +102,15 @@ class BatchMaker:
       index = self.order.index(epoch, position + skipped)
       try:
         record = self.source[index]
-        image, full_size = decode_drafted(record['image'], self.crops.canvas_size)
+        decoded = decode_drafted(record['image'], self.crops.canvas_size)
       except UnreadableImage as e:
         if index not in _warned:
           _warned.add(index)
           logging.warning('Skipping unreadable image %d (%s): %s', index, record_name(self.source, index), e)
         continue
       rng = np.random.default_rng([self.order.seed, epoch, index])
-      crops = (canvas_crops(image, rng, self.crops, full_size) if self.crops.canvas_size
-               else multi_crop(image, rng, self.crops))
+      crops = (canvas_crops(decoded.image, rng, self.crops, decoded.full_size, decoded.extent)
+               if self.crops.canvas_size else multi_crop(decoded.image, rng, self.crops))
       return {**crops, 'index': np.int32(index), 'label': np.int32(record.get('label', -1)),
               'skipped': np.int32(skipped)}
     raise RuntimeError(f'{MAX_SKIPS + 1} consecutive images from position {position} could not be read; '

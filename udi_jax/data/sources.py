@@ -21,7 +21,7 @@ import io
 import math
 import os
 import pathlib
-from typing import Any, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence
 
 import numpy as np
 from absl import logging
@@ -354,29 +354,39 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(array[..., :3])
 
 
+class Drafted(NamedTuple):
+  """A decoded image, maybe reduced by the decoder's draft mode."""
+  image: Image.Image                  # RGB
+  full_size: tuple[int, int]          # (width, height) of the image `decode_image` returns
+  extent: tuple[float, float]         # that image's (width, height) in `image`'s pixels (the draft's box)
+
+
 def decode_image(image: bytes | np.ndarray) -> Image.Image:
   """Encoded bytes or an array -> an RGB PIL image at least MIN_SIDE pixels on each side."""
-  return _decode(image)[0]
+  return _decode(image).image
 
 
-def decode_drafted(image: bytes | np.ndarray, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
-  """(the RGB image, (width, height) of the image `decode_image` returns). A JPEG whose longer side is
-  well above `max_side` is decoded at 1/2, 1/4 or 1/8 of its size, the largest that keeps that side at
-  least `max_side` (the decoder's draft mode, which skips most of the work)."""
+def decode_drafted(image: bytes | np.ndarray, max_side: int) -> Drafted:
+  """The image, where a JPEG whose longer side is well above `max_side` is decoded at 1/2, 1/4 or 1/8 of
+  its size, the largest that keeps that side at least `max_side` (the decoder's draft mode, which skips
+  most of the work). The reduced image has whole pixels; `extent` is the exact reduction that Pillow's
+  draft reports (a 4001 px side at 1/4 is 1001 pixels holding 1000.25 of the original's)."""
   return _decode(image, draft_side=max_side)
 
 
-def _decode(image: bytes | np.ndarray, draft_side: int = 0) -> tuple[Image.Image, tuple[int, int]]:
-  """(RGB image, (width, height) before any draft reduction)."""
+def _decode(image: bytes | np.ndarray, draft_side: int = 0) -> Drafted:
   if isinstance(image, (bytes, bytearray, np.bytes_)):
     if not len(image):
       raise UnreadableImage('empty file (0 bytes)')
     try:
       with Image.open(io.BytesIO(bytes(image))) as opened:
-        size = opened.size
+        size = extent = opened.size
         ratio = draft_side / max(*size, 1)
         if draft_side and opened.format == 'JPEG' and ratio < 1 and min(size) * ratio >= 8:
-          opened.draft('RGB', (math.ceil(size[0] * ratio), math.ceil(size[1] * ratio)))
+          drafted = opened.draft('RGB', (math.ceil(size[0] * ratio), math.ceil(size[1] * ratio)))
+          if drafted is not None:
+            _, (left, top, right, bottom) = drafted
+            extent = (right - left, bottom - top)
         opened.load()
         if opened.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F') or opened.mode.startswith('I;'):
           rgb = Image.fromarray(_array_to_rgb(np.asarray(opened)))
@@ -390,8 +400,8 @@ def _decode(image: bytes | np.ndarray, draft_side: int = 0) -> tuple[Image.Image
       raise UnreadableImage(str(e)) from e
   else:
     rgb = Image.fromarray(_array_to_rgb(image))
-    size = rgb.size
+    size = extent = rgb.size
   if min(rgb.size) < MIN_SIDE:
     rgb = rgb.resize((max(rgb.size[0], MIN_SIDE), max(rgb.size[1], MIN_SIDE)), Image.Resampling.NEAREST)
-    size = rgb.size
-  return rgb, size
+    size = extent = rgb.size
+  return Drafted(rgb, size, extent)
