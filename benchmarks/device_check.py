@@ -230,7 +230,7 @@ def stage_loop(plan: Plan) -> dict:
     workdir = plan.work / f'loop_{workers}_workers_{where}_crops'
     train_and_evaluate(config, workdir)
     logged = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-    rate = statistics.median(m['images_per_s'] for m in logged[1:] or logged)   # the first includes compiling
+    rate = statistics.median(m['images_per_s'] for m in logged if 'images_per_s' in m)   # (not the first: compiled)
     runs.append({'workers': workers, 'crops_on': where, 'images_per_s': rate, 'loop_over_step': rate / step_rate})
     print(f'  {workers} workers, crops on the {where}: loop {rate:.1f} images/s, step alone {step_rate:.1f}: '
           f'{100 * rate / step_rate:.0f} %', flush=True)

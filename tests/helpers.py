@@ -156,7 +156,7 @@ def checkpoint_steps(workdir) -> list[int]:
   return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit()) if directory.is_dir() else []
 
 
-def wait_for_checkpoint(workdir, step, process, timeout=300) -> int:
+def wait_for_checkpoint(workdir, step, process, timeout=900) -> int:
   """The newest checkpoint step once it is >= `step` (fails if the process ends first)."""
   deadline = time.time() + timeout
   while time.time() < deadline:

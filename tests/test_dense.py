@@ -139,20 +139,23 @@ def test_segfolder_refuses_a_wrong_layout_and_skips_bad_files(tmp_path, caplog):
   (root / 'images' / 'training').mkdir(parents=True)
   (root / 'annotations' / 'training').mkdir(parents=True)
   rng = np.random.default_rng(0)
-  for name in ('good', 'corrupt', 'out_of_range', 'unlabelled'):
+  for name in ('good', 'corrupt', 'out_of_range', 'unlabelled', 'wrong_size'):
     write_png(root / 'images' / 'training' / f'{name}.png', rng.integers(0, 255, size=(20, 24, 3)))
   (root / 'images' / 'training' / 'corrupt.png').write_bytes(b'not a png')
   for name, top in (('good', 4), ('corrupt', 4), ('out_of_range', 20)):
     write_png(root / 'annotations' / 'training' / f'{name}.png', np.full((20, 24), top, np.uint8))
+  write_png(root / 'annotations' / 'training' / 'wrong_size.png', np.full((20, 25), 1, np.uint8))
   with pytest.raises(ValueError, match='dense_num_classes must give the number of classes'):
     segmentation.open_segmentation(f'segfolder:{root}', 'training')
   with caplog.at_level('WARNING'):
     source = segmentation.open_segmentation(f'segfolder:{root}', 'training', num_classes=5)
-    assert len(source) == 3 and '1 of 4 images' in caplog.text and 'unlabelled.png' in caplog.text
+    assert len(source) == 4 and '1 of 5 images' in caplog.text and 'unlabelled.png' in caplog.text
     batch = dense.DenseBatch(source, 16, 4, 0, 1)(0)
-  np.testing.assert_array_equal(batch['valid'], [False, True, False, False])     # sorted: corrupt, good, out_of_range
+  # sorted: corrupt, good, out_of_range, wrong_size
+  np.testing.assert_array_equal(batch['valid'], [False, True, False, False])
   assert (batch['mask'][1] == 4).all() and (batch['mask'][3] == segmentation.IGNORE).all()
   assert 'corrupt.png' in caplog.text and 'class ids [20] outside 0..4' in caplog.text
+  assert 'wrong_size.png' in caplog.text and 'image (24, 20) and annotation (25, 20) differ in size' in caplog.text
   with pytest.raises(ValueError, match="is not a segmentation source"):
     segmentation.check_spec('segfolder')
 
@@ -166,8 +169,5 @@ def test_tfds_segmentation_source_reads_scene_parse150_records():
     record = source[0]
     image, mask = decode_image(record['image']), segmentation.decode_mask(record['mask'], 255)
     assert len(source) == 3 and source.mask_key == 'annotation' and mask.mode == 'L'
-    if image.size != mask.size:     # mock sizes are independent; real pairs match
-      with pytest.raises(UnreadableImage, match='differ in size'):
-        segmentation.read_pair(record, 16, 255)
     with pytest.raises(UnreadableImage, match=r'class ids \[151, .* outside 0..150'):
       segmentation.decode_mask(record['mask'], 151)

@@ -116,21 +116,29 @@ def test_a_level_at_ln_k_for_a_whole_log_line_gets_one_warning(tmp_path, monkeyp
   assert 'over steps 3-4' in warnings[0] and 'udi.teacher_temp' in warnings[0]
 
 
-def test_a_deliberately_collapsing_run_gets_the_warning(tmp_path, caplog):
+def test_a_deliberately_collapsing_run_gets_the_warning_and_a_healthy_one_does_not(tmp_path, caplog):
   """The tiny run made to collapse: a teacher temperature of 5 makes the teacher's output uniform from the
-  first step, so the level warns once, and the monitor's metrics say the same (every prototype used, flat
-  logits). Plain DINO (one level), whose step compiles in a fraction of UDI's; the UDI levels' monitor
-  metrics are checked on the shared run (test_training_run)."""
+  first step, so the level warns once, and the monitor's metrics say the same (every prototype used). The
+  same run at the config's temperature, the contrast: no warning, a few prototypes used, an entropy far
+  below ln K. (The logit spread is the same in both: it measures the raw logits, which the temperature
+  does not touch.) Plain DINO (one level), whose step compiles in a fraction of UDI's, and the second run
+  reuses its program; the UDI levels' monitor metrics are checked on the shared run (test_training_run)."""
   from tests import tiny_train_config
   from udi_jax.train.loop import train_and_evaluate
-  config = tiny_train_config.get_config()
-  config.epochs, config.log_every_steps, config.checkpoint_every_steps = 1, 2, 0
-  config.udi.include_patch, config.model.num_cls_tokens = False, 1
-  config.udi.teacher_temp = config.udi.warmup_teacher_temp = 5.0
-  with caplog.at_level(logging.WARNING):
-    train_and_evaluate(config, tmp_path)
-  warned = [r.getMessage() for r in caplog.records if 'has collapsed to a uniform output' in r.getMessage()]
-  assert len(warned) == 1 and warned[0].startswith('The cls level has collapsed')
-  last = metrics_by_step(tmp_path)[4]
-  assert last['prototypes_used/cls'] > 0.99 * 64 and last['teacher_entropy/cls'] > np.log(64) - 0.01
-  assert last['logit_spread/cls'] < 0.5
+  last = {}
+  for name, temperature in (('collapsing', 5.0), ('healthy', None)):
+    config = tiny_train_config.get_config()
+    config.epochs, config.log_every_steps, config.checkpoint_every_steps = 1, 2, 0
+    config.udi.include_patch, config.model.num_cls_tokens = False, 1
+    if temperature:
+      config.udi.teacher_temp = config.udi.warmup_teacher_temp = temperature
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      train_and_evaluate(config, tmp_path / name)
+    warned = [r.getMessage() for r in caplog.records if 'has collapsed to a uniform output' in r.getMessage()]
+    assert len(warned) == (1 if temperature else 0), warned
+    last[name] = metrics_by_step(tmp_path / name)[4]
+  assert warned == [] and last['collapsing']['teacher_entropy/cls'] > np.log(64) - 0.01
+  assert last['collapsing']['prototypes_used/cls'] > 0.99 * 64
+  assert last['healthy']['prototypes_used/cls'] < 0.5 * 64
+  assert last['healthy']['teacher_entropy/cls'] < np.log(64) - 1

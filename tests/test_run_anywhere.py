@@ -115,6 +115,11 @@ def test_benchmark_prints_every_figure_on_the_cpu():
   assert line, result.stdout
   for figure in ('step ', ' ms', 'images/s per device', 'peak memory n/a', 'GFLOP/image (XLA ', 'MFU n/a'):
     assert figure in line[0], (figure, line[0])
+  figures = re.search(r'step ([\d.]+) ms \| ([\d.]+) images/s per device .* model ([\d.e-]+) GFLOP/image '
+                      r'\(XLA ([\d.e-]+)\)', line[0])
+  step_ms, per_device, model, xla = map(float, figures.groups())
+  assert per_device == pytest.approx(8 / step_ms * 1e3, rel=0.01, abs=0.1)    # as printed (rounded)
+  assert xla >= model > 0
 
 
 @pytest.mark.slow
@@ -135,9 +140,16 @@ def test_device_check_runs_every_stage_on_the_cpu(tmp_path):
   assert stages['env']['backend'] == 'cpu' and stages['env']['devices'] == 1
   assert stages['parity']['passed'] and stages['parity']['gradients'] == 46
   assert [r['per_device_batch'] for r in stages['step']['rows']] == [8] and stages['step']['largest_fitting'] == 8
-  assert all(stages['step'][k]['step_ms'] > 0 for k in ('remat', 'no_remat'))
+  timed = stages['step']['rows'] + [stages['step'][k] for k in ('remat', 'no_remat')]
+  for row in timed:     # the figures agree with each other, and XLA counts at least the model's FLOPs
+    assert row['images_per_s_per_device'] * row['step_ms'] / 1e3 == pytest.approx(row['per_device_batch'])
+    assert row['xla_gflops_per_image'] >= row['model_gflops_per_image'] > 0
+  # rematerialisation recomputes the forward pass in the backward one: XLA counts more FLOPs
+  assert stages['step']['remat']['xla_gflops_per_image'] > 1.1 * stages['step']['no_remat']['xla_gflops_per_image']
   [loop] = stages['loop']['runs']
-  assert loop['workers'] == 0 and 0 < loop['loop_over_step'] and loop['images_per_s'] > 0
+  assert stages['loop']['step_alone_images_per_s'] == stages['step']['rows'][0]['images_per_s_per_device']
+  assert loop['workers'] == 0 and loop['images_per_s'] > 0
+  assert loop['loop_over_step'] == pytest.approx(loop['images_per_s'] / stages['loop']['step_alone_images_per_s'])
   assert loop['crops_on'] == 'host' and stages['loop']['crop_stage_ms_per_image'] > 0   # the CPU's default
   assert stages['bf16']['steps'] == 4 and stages['bf16']['finite'] and stages['bf16']['max_gap'] < 0.05
   assert record['row'] in result.stdout and record['row'].count('|') == 10

@@ -256,9 +256,9 @@ def _train(config, workdir: pathlib.Path, run: RunSettings, pipe_settings: Pipel
     step = start
     while step < end:
       state, metrics = train_step(state, next(pipeline))
-      if step == start:
-        log.start_clock(start)      # the step is compiled: speed and ETA from here
       step += 1
+      if step == start + 1:
+        log.start_clock(step)       # this call compiled the step: speed and ETA from the next one
       log.add(step, metrics)
       end_of_epoch = step % steps_per_epoch == 0
       save = (end_of_epoch or step == end

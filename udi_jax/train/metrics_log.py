@@ -29,13 +29,21 @@ HEALTH = ('teacher_entropy/', 'kl/', 'valid_fraction/', 'logit_spread/', 'protot
 COLLAPSE_NATS = 0.05              # a level whose teacher entropy stays this close to ln K has collapsed
 
 
-def progress_line(step: int, total: int, steps_per_epoch: int, m: dict, seconds_per_step: float,
+def progress_line(step: int, total: int, steps_per_epoch: int, m: dict, seconds_per_step: Optional[float],
                   batch_size: int) -> str:
+  """The line printed at a log step; `seconds_per_step` None: no step timed yet (the first, compiled)."""
   levels = ' '.join(f'{level} {m[f"loss/{level}"]:.3f}' for level in LEVELS if f'loss/{level}' in m)
-  eta = time.strftime('%H:%M:%S', time.gmtime(max(total - step, 0) * seconds_per_step))
+  speed = 'speed from the next line (the first step compiles)'
+  if seconds_per_step is not None:
+    eta = time.strftime('%H:%M:%S', time.gmtime(max(total - step, 0) * seconds_per_step))
+    speed = f'{batch_size / seconds_per_step:.1f} img/s, ETA {eta}'
   return (f'step {step}/{total} (epoch {(step - 1) // steps_per_epoch}) loss {m["loss"]:.4f} [{levels}] '
-          f'lr {m["lr"]:.2e} T_t {m["teacher_temp"]:.4f} | {batch_size / seconds_per_step:.1f} img/s, '
-          f'ETA {eta}')
+          f'lr {m["lr"]:.2e} T_t {m["teacher_temp"]:.4f} | {speed}')
+
+
+def clock() -> float:
+  """Seconds on a monotonic clock: what the speed and the ETA are measured with."""
+  return time.monotonic()
 
 
 def clu_writers():
@@ -148,8 +156,9 @@ class MetricsLog:
     self.start_clock(start)
 
   def start_clock(self, step: int):
-    """Speed and ETA count from here: called again once the step is compiled, so they leave it out."""
-    self.last_time, self.last_step = time.time(), step
+    """Speed and ETA count from the end of `step`: the loop calls this again after the first step, whose
+    call compiles, so they leave the compilation out."""
+    self.last_time, self.last_step = clock(), step
 
   def add(self, step: int, metrics: dict):
     self.pending.append((step, metrics))
@@ -181,8 +190,10 @@ class MetricsLog:
       values = [float(m[name]) for _, m in fetched if np.isfinite(m[name])]   # health: the measured steps
       if values:
         line[name] = float(np.sum(values) if name in COUNTS else np.mean(values))
-    seconds_per_step = max(time.time() - self.last_time, 1e-9) / max(step - self.last_step, 1)
-    line['images_per_s'] = self.batch_size / seconds_per_step
+    seconds_per_step = None
+    if step > self.last_step:
+      seconds_per_step = max(clock() - self.last_time, 1e-9) / (step - self.last_step)
+      line['images_per_s'] = self.batch_size / seconds_per_step
     self.write(step, line)
     if self.primary:
       print(progress_line(step, self.total_steps, self.steps_per_epoch, line, seconds_per_step,
