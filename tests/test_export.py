@@ -152,17 +152,26 @@ def test_bad_files_give_one_clear_sentence(tiny_run, tmp_path):
     torch_files.load_torch_checkpoint(tmp_path / 'wrong.safetensors', like)
 
 
-def test_init_from_a_pytorch_file(tiny_run, tmp_path, monkeypatch):
-  """An official UDI checkpoint written by the export: its teacher becomes student and teacher (separate
-  buffers), its centres the centres; step 0."""
+def test_init_from_a_pytorch_file(tiny_run, tmp_path, monkeypatch, capsys):
+  """An official UDI training checkpoint written by the export: the student from its student entry, the
+  teacher from its teacher entry (as the official code resumes), the centres too; step 0. A file with one
+  network (timm) fills both."""
   config, workdir = tiny_run
   source, _ = restore(workdir, config)
+  assert not np.array_equal(source.student['backbone']['cls_token'], source.teacher['backbone']['cls_token'])
   export.export(workdir, 'udi', tmp_path / 'udi.pth')
   state = state_handed_to_the_step(init_config(f'torch:{tmp_path / "udi.pth"}'), tmp_path / 'run', monkeypatch)
   assert int(state.step) == 0
   jax.tree.map(np.testing.assert_array_equal, state.teacher, source.teacher)
-  jax.tree.map(np.testing.assert_array_equal, state.student, source.teacher)   # one network, both roles
+  jax.tree.map(np.testing.assert_array_equal, state.student, source.student)
   jax.tree.map(np.testing.assert_array_equal, state.centres, source.centres)
+  assert 'of the student from its "student" entry, the teacher from its "teacher" entry' in capsys.readouterr().out
+  export.export(workdir, 'timm', tmp_path / 'timm.safetensors')
+  state = state_handed_to_the_step(init_config(f'torch:{tmp_path / "timm.safetensors"}'), tmp_path / 'run2',
+                                   monkeypatch)
+  for role in ('student', 'teacher'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(state, role)['backbone'], source.teacher['backbone'])
+  assert 'of the student and the teacher from its one network' in capsys.readouterr().out
 
 
 def test_export_command_line(tiny_run, tmp_path):

@@ -107,7 +107,20 @@ def load_torch_checkpoint(path: str | pathlib.Path, like: Mapping[str, Any], whi
   Official training checkpoints give backbone, read-out, head and centres (`which` picks teacher or
   student); official backbone files, DINO and timm state dicts give the backbone only.
   """
+  return _imported(read_file(path), path, like, which)
+
+
+def load_student_and_teacher(path: str | pathlib.Path, like: Mapping[str, Any]) -> dict[str, Imported]:
+  """{'student', 'teacher'}: each network from its own entry of an official training checkpoint (as the
+  official code resumes), or both from the one network that any other file holds."""
   payload = read_file(path)
+  teacher = _imported(payload, path, like, 'teacher')
+  if teacher.layout != 'udi-checkpoint':
+    return {'student': teacher, 'teacher': teacher}
+  return {'student': _imported(payload, path, like, 'student'), 'teacher': teacher}
+
+
+def _imported(payload: Any, path: str | pathlib.Path, like: Mapping[str, Any], which: str) -> Imported:
   centres = None
   if isinstance(payload, Mapping) and 'teacher' in payload and 'student' in payload:
     state = {k.removeprefix('module.'): v for k, v in payload[which].items()}

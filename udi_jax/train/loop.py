@@ -130,22 +130,26 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
   primary = jax.process_index() == 0
   if init_from.startswith('torch:'):
     from udi_jax.interop.official import centres_from_official
-    from udi_jax.interop.torch_files import load_torch_checkpoint
+    from udi_jax.interop.torch_files import load_student_and_teacher
     with config_errors():
-      imported = load_torch_checkpoint(init_from[len('torch:'):], abstract.student)
+      imported = load_student_and_teacher(init_from[len('torch:'):], abstract.student)
     place = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding),
                                             tree, like)
-    # Student and teacher get separate buffers (the step donates both).
-    parts = lambda: {k: place(v, abstract.student[k]) for k, v in imported.params.items()}
+    # Each network gets its own buffers, even when both come from one entry (the step donates both).
+    parts = {role: {k: place(v, abstract.student[k]) for k, v in imported[role].params.items()}
+             for role in ('student', 'teacher')}
+    teacher = imported['teacher']
     centres = state.centres
-    if imported.centres is not None:
-      centres = place(centres_from_official(imported.centres, tuple(state.centres)), abstract.centres)
+    if teacher.centres is not None:
+      centres = place(centres_from_official(teacher.centres, tuple(state.centres)), abstract.centres)
     if primary:
-      print(f'Initialised {sorted(imported.params)} from {init_from} ({imported.layout} layout'
-            f'{", centres too" if imported.centres is not None else ""}); unused keys: '
-            f'{imported.unused_keys[:10] or "none"}.', flush=True)
-    return TrainState(step=state.step, student={**state.student, **parts()}, teacher={**state.teacher, **parts()},
-                      opt=state.opt, centres=centres)
+      filled = ('the student from its "student" entry, the teacher from its "teacher" entry'
+                if teacher.layout == 'udi-checkpoint' else 'the student and the teacher from its one network')
+      print(f'Initialised {sorted(teacher.params)} of {filled}: {init_from} ({teacher.layout} layout'
+            f'{", centres too" if teacher.centres is not None else ""}); unused keys: '
+            f'{teacher.unused_keys[:10] or "none"}.', flush=True)
+    return TrainState(step=state.step, student={**state.student, **parts['student']},
+                      teacher={**state.teacher, **parts['teacher']}, opt=state.opt, centres=centres)
   directory = checkpoint_dir(init_from)
   source = Checkpoints(directory, asynchronous=False)
   try:
