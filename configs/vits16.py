@@ -112,7 +112,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.report = False               # after training: k-NN table vs raw pixels and init, pictures
   # Dense protocols ('dense_linear', 'dense_knn' in protocols) and diagnostics ('diagnostics').
   config.eval.dense_source = ''            # segdigits[:SEED] | segfolder:ROOT | tfds:scene_parse150
-  config.eval.dense_num_classes = 0        # segfolder / tfds: class ids 0..N-1 (255 = ignore); ADE20K raw: 151
+  config.eval.dense_num_classes = 0        # segfolder / tfds: classes scored; ADE20K: 150 (with the next line)
+  # Class id 0 = 'other', ignored, the others shifted down (mmseg's reduce_zero_label); None: yes for ADE20K
+  # (tfds:scene_parse150, segfolder:.../ADEChallengeData2016), no otherwise.
+  config.eval.dense_reduce_zero_label = ml_collections.config_dict.placeholder(bool)
   config.eval.dense_size = 0               # evaluation crop side (a multiple of the patch); 0 = data.global_size
   config.eval.dense_blocks = 1             # patch tokens of the last block, or 4: the last four concatenated
   config.eval.dense_max_train_examples = 0  # > 0: the first N only (the training features are held in memory)

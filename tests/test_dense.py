@@ -6,7 +6,8 @@ from absl import flags
 from PIL import Image
 
 from udi_jax.data import segmentation
-from udi_jax.evaluate import dense, diagnostics
+from udi_jax.data.sources import UnreadableImage
+from udi_jax.evaluate import dense, dense_whole, diagnostics
 
 flags.FLAGS.mark_as_parsed()
 
@@ -168,6 +169,76 @@ def test_tfds_segmentation_source_reads_scene_parse150_records():
     source = segmentation.open_segmentation('tfds:scene_parse150', 'validation', num_classes=255)
     record = source[0]
     image, mask = decode_image(record['image']), segmentation.decode_mask(record['mask'], 255)
-    assert len(source) == 3 and source.mask_key == 'annotation' and mask.mode == 'L'
+    assert len(source) == 3 and source.mask_key == 'annotation' and mask.dtype == np.uint8 and mask.ndim == 2
     with pytest.raises(UnreadableImage, match=r'class ids \[151, .* outside 0..150'):
       segmentation.decode_mask(record['mask'], 151)
+
+
+def test_ade20k_ignores_class_0_and_shifts_the_others_down():
+  """mmseg's reduce_zero_label (DINOv2, iBOT: ADE20K has 150 classes): raw 0 ("other") is ignored, 1..150
+  become 0..149; the default for scene_parse150 and the ADE release folder, off elsewhere."""
+  raw = np.array([[0, 1, 2], [150, 255, 7]], np.uint8)
+  np.testing.assert_array_equal(segmentation.decode_mask(raw, 150, reduce_zero_label=True),
+                                [[255, 0, 1], [149, 255, 6]])
+  np.testing.assert_array_equal(segmentation.decode_mask(raw, 151), raw)
+  with pytest.raises(UnreadableImage, match=r'class ids \[151\] outside 1..150'):
+    segmentation.decode_mask(np.array([[151]], np.uint8), 150, reduce_zero_label=True)
+  assert segmentation.reduces_zero_label('tfds:scene_parse150', None)
+  assert segmentation.reduces_zero_label('segfolder:/data/ADEChallengeData2016/', None)
+  assert not segmentation.reduces_zero_label('segfolder:/data/cityscapes', None)
+  assert not segmentation.reduces_zero_label('segdigits', None)
+  assert not segmentation.reduces_zero_label('tfds:scene_parse150', False)
+
+
+def test_token_grid_scores_reach_the_label_resolution_as_torch_bilinear():
+  """The grid's scores resized to odd label sizes (and through the padded, bucketed program) give the
+  classes that torch's bilinear interpolation (align_corners=False) then argmax gives."""
+  import torch
+  rng = np.random.default_rng(4)
+  for rows, cols, height, width in ((4, 7, 37, 61), (3, 3, 100, 101), (5, 9, 20, 35)):
+    grid = rng.normal(size=(rows, cols, 6)).astype(np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(grid).permute(2, 0, 1)[None], size=(height, width),
+                                           mode='bilinear', align_corners=False)[0].argmax(0).numpy()
+    got = dense_whole.labels_at_resolution(grid, height, width)
+    assert got.shape == (height, width)
+    assert (got != want).mean() < 1e-3       # float ties at most
+
+
+class ColourFeatures:
+  """A stand-in for `dense.PatchFeatures`: each token is its patch's mean colour."""
+  batch_size, rows, size, patch = 4, 4, 32, 8
+
+  def __call__(self, crops):
+    n, g = len(crops), self.size // self.patch
+    return crops.reshape(n, g, self.patch, g, self.patch, 3).mean((2, 4)).reshape(n, g * g, 3)
+
+
+def test_whole_images_are_scored_at_their_label_resolution():
+  """Images of several shapes, portrait and landscape, whose colour is their class (left and right halves,
+  or top and bottom: regions of many tokens): every labelled pixel of every image is scored at the
+  annotation's own size, and the classes come back where they are, up to a blur at the border."""
+  records = []
+  for height, width in ((40, 72), (72, 40), (48, 48), (50, 123)):
+    mask = np.zeros((height, width), np.uint8)
+    if width >= height:
+      mask[:, width // 2:] = 1
+    else:
+      mask[height // 2:] = 1
+    mask[:2, :2] = segmentation.IGNORE
+    image = np.stack([mask * 200] * 3, -1).astype(np.uint8)
+    records.append({'image': image, 'mask': mask, 'name': f'{height}x{width}'})
+  colour_to_class = lambda tokens: np.stack([200 - tokens[..., 0], tokens[..., 0]], -1) / 200
+  confusions, scored, skipped = dense_whole.whole_image_confusions(
+      ColourFeatures(), RecordList(records, 2), {'colour': colour_to_class}, 2)
+  confusion = confusions['colour']
+  assert scored == 4 and skipped == 0
+  assert confusion.sum() == sum(int((r['mask'] != segmentation.IGNORE).sum()) for r in records)
+  accuracy = np.trace(confusion) / confusion.sum()
+  print(f'whole-image accuracy of the colour classes: {100 * accuracy:.2f} %')
+  assert accuracy > 0.97
+
+
+class RecordList(list):
+  def __init__(self, records, num_classes):
+    super().__init__(records)
+    self.num_classes = num_classes

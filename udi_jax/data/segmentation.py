@@ -9,7 +9,8 @@ Specs (`config.eval.dense_source`; the protocol reads its `training` and `valida
   classes. 500 training and 200 validation images of 56 px, deterministic for a seed (default 0).
 - `segfolder:ROOT`: the ADE20K release layout, `ROOT/images/{training,validation}/NAME.jpg` (or .png) and
   `ROOT/annotations/{training,validation}/NAME.png` holding class ids (0 .. num_classes-1; 255 = ignore).
-  `config.eval.dense_num_classes` gives the class count (ADE20K's raw annotations: 151, 0 = "other").
+  `config.eval.dense_num_classes` gives the class count (ADE20K: 150, its raw id 0 = "other" being ignored
+  by `config.eval.dense_reduce_zero_label`, as in every published result; see `reduces_zero_label`).
 - `tfds:NAME`: a tfds dataset with an image and a per-pixel class map (`scene_parse150`, ADE20K's
   benchmark: splits train and test, used as training and validation; `oxford_iiit_pet`'s
   `segmentation_mask`). Prepared beforehand as for training sources.
@@ -248,9 +249,21 @@ def probe_segmentation(spec: str, data_dir: Optional[str] = None, num_classes: i
       _need_classes(spec, num_classes)
 
 
-def decode_mask(mask: bytes | np.ndarray, num_classes: int) -> Image.Image:
-  """A class-id map as a PIL 'L' image; class ids outside 0 .. num_classes-1 (other than 255) make it
-  unreadable (a mislabelled file cannot be trusted)."""
+def reduces_zero_label(spec: str, setting: Optional[bool]) -> bool:
+  """Whether class id 0 is "other" (ignored) and ids 1..N become 0..N-1: `setting`
+  (config.eval.dense_reduce_zero_label), or by default yes for ADE20K, as in every published frozen-feature
+  result (mmseg's `reduce_zero_label`, 150 classes): tfds:scene_parse150 and a segfolder of the release's
+  folder ADEChallengeData2016."""
+  if setting is not None:
+    return bool(setting)
+  kind, _, rest = spec.partition(':')
+  return spec == 'tfds:scene_parse150' or (kind == 'segfolder' and
+                                           pathlib.Path(rest.rstrip('/')).name == 'ADEChallengeData2016')
+
+
+def decode_mask(mask: bytes | np.ndarray, num_classes: int, reduce_zero_label: bool = False) -> np.ndarray:
+  """A class-id map as uint8 (H, W), 255 = ignore; with `reduce_zero_label` id 0 is ignored too and the
+  others shift down by one. Ids outside the range make it unreadable (a mislabelled file cannot be trusted)."""
   if isinstance(mask, (bytes, bytearray, np.bytes_)):
     try:
       with Image.open(io.BytesIO(bytes(mask))) as opened:
@@ -263,25 +276,37 @@ def decode_mask(mask: bytes | np.ndarray, num_classes: int) -> Image.Image:
   if array.ndim == 3:                 # an RGB-stored class map: the ids are in the first channel
     array = array[..., 0]
   values = np.unique(array)
-  bad = values[(values >= num_classes) & (values != IGNORE)]
+  lowest, highest = (1, num_classes) if reduce_zero_label else (0, num_classes - 1)
+  bad = values[(values > highest) & (values != IGNORE)]
   if bad.size:
-    raise UnreadableImage(f'class ids {bad[:5].tolist()} outside 0..{num_classes - 1} (255 = ignore); set '
+    reduced = ', with config.eval.dense_reduce_zero_label (0 = ignore too)' if reduce_zero_label else ''
+    raise UnreadableImage(f'class ids {bad[:5].tolist()} outside {lowest}..{highest} (255 = ignore{reduced}); set '
                           'config.eval.dense_num_classes to the dataset\'s class count')
-  return Image.fromarray(array.astype(np.uint8), mode='L')
+  array = array.astype(np.uint8)
+  if reduce_zero_label:
+    array = np.where(array == 0, IGNORE, np.where(array == IGNORE, IGNORE, array - 1)).astype(np.uint8)
+  return array
 
 
-def center_crop_pair(image: Image.Image, mask: Image.Image, size: int) -> tuple[np.ndarray, np.ndarray]:
-  """The evaluation crop of an image and its mask: shorter side to `size` (bicubic / nearest), centre."""
-  if image.size != mask.size:
-    raise UnreadableImage(f'image {image.size} and annotation {mask.size} differ in size')
+def read_whole(record: dict, num_classes: int, reduce_zero_label: bool = False) -> tuple[Image.Image, np.ndarray]:
+  """(RGB image, class map (H, W) at its own resolution) of a record; UnreadableImage if they differ in size."""
+  image, mask = decode_image(record['image']), decode_mask(record['mask'], num_classes, reduce_zero_label)
+  if image.size != (mask.shape[1], mask.shape[0]):
+    raise UnreadableImage(f'image {image.size} and annotation {(mask.shape[1], mask.shape[0])} differ in size')
+  return image, mask
+
+
+def center_crop_pair(image: Image.Image, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The training crop of an image and its mask: shorter side to `size` (bicubic / nearest), centre."""
   width, height = image.size
   scale = size / min(width, height)
   new = (max(size, int(round(width * scale))), max(size, int(round(height * scale))))
   left, top = (new[0] - size) // 2, (new[1] - size) // 2
   box = (left, top, left + size, top + size)
   return (np.asarray(image.resize(new, Image.Resampling.BICUBIC).crop(box), np.uint8),
-          np.asarray(mask.resize(new, Image.Resampling.NEAREST).crop(box), np.uint8))
+          np.asarray(Image.fromarray(mask, mode='L').resize(new, Image.Resampling.NEAREST).crop(box), np.uint8))
 
 
-def read_pair(record: dict, size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  return center_crop_pair(decode_image(record['image']), decode_mask(record['mask'], num_classes), size)
+def read_pair(record: dict, size: int, num_classes: int, reduce_zero_label: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+  return center_crop_pair(*read_whole(record, num_classes, reduce_zero_label), size)

@@ -1,27 +1,31 @@
 """Dense evaluation on frozen patch tokens: a linear segmentation probe and a k-NN over patches.
 
 Features: the patch tokens of the last block after the backbone's final norm (`blocks=4`: those of the
-last four blocks, each normed, concatenated), on `size` x `size` evaluation crops (shorter side to
-`size`, bicubic, centre crop; the class map resized with nearest neighbours). Both protocols report the
-mean IoU over the classes present in the labels or predictions (mmseg's convention: a class with an
-empty union is left out) and the pixel accuracy, on every non-ignored (255) pixel of the validation crops.
+last four blocks, each normed, concatenated). Both protocols learn from `size` x `size` training crops
+(shorter side to `size`, bicubic, centre crop; the class map resized with nearest neighbours), whose
+tokens are held on the host in bfloat16 and streamed to the accelerator a batch at a time (ADE20K's
+20 210 training images at 448 px, ViT-S/16: 784 tokens x 384 channels x 2 bytes = 12.2 GB of host
+memory, plus 4.1 GB of class maps; see `docs` in README for the device's share). They are scored on
+the whole validation images at their own label resolution (`dense_whole.py`): the mean IoU over the
+classes present in the labels or predictions (mmseg's convention: a class with an empty union is left
+out) and the pixel accuracy, over every pixel not labelled 255.
 
 - `linear` (the frozen-feature protocol of DINOv2's linear segmentation): each token's feature is
   standardised with the training tokens' per-channel mean and variance (a batch-norm with its population
   statistics; its affine part is absorbed by the linear layer), one linear layer maps it to class logits,
   the logits are bilinearly upsampled to the crop and trained with a pixel-wise cross-entropy ignoring
-  255, by AdamW (cosine learning rate, no warm-up) on the cached training features, on the accelerator.
+  255, by AdamW (cosine learning rate, no warm-up).
 - `knn` (non-parametric): every training patch carries the majority class of its pixels (patches of
   ignored pixels only are left out), the bank is subsampled to at most `bank_size` patches; each
   validation patch takes the weighted vote of its k nearest bank patches (cosine, exp(s/0.07), as the
-  image k-NN, chunked), and its pixels take the patch's class.
+  image k-NN, chunked), and scores one for the class that wins.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import grain
 import jax
@@ -63,6 +67,9 @@ def scores(confusion: np.ndarray) -> dict[str, Any]:
 
 # ---- Features
 
+FEATURE_DTYPE = np.dtype(jnp.bfloat16)     # the training tokens on the host (ml_dtypes' bfloat16)
+
+
 @dataclasses.dataclass
 class DenseBatch:
   """Picklable grain map: global batch t -> this process's rows, padded past the end of the source:
@@ -72,6 +79,7 @@ class DenseBatch:
   batch_size: int
   process_index: int
   process_count: int
+  reduce_zero_label: bool = False
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     rows = self.batch_size // self.process_count
@@ -81,13 +89,18 @@ class DenseBatch:
     valid = np.zeros(rows, bool)
     for r, index in enumerate(range(first, min(first + rows, len(self.source)))):
       try:
-        images[r], masks[r] = read_pair(self.source[index], self.size, self.source.num_classes)
+        images[r], masks[r] = read_pair(self.source[index], self.size, self.source.num_classes,
+                                        self.reduce_zero_label)
       except UnreadableImage as e:
-        name = self.source.paths[index] if hasattr(self.source, 'paths') else f'record {index}'
-        logging.warning('Skipping unreadable segmentation example %d (%s): %s', index, name, e)
+        warn_unreadable(self.source, index, e)
         continue
       valid[r] = True
     return {'image': images, 'mask': masks, 'valid': valid}
+
+
+def warn_unreadable(source, index: int, error: Exception) -> None:
+  name = source.paths[index] if hasattr(source, 'paths') else f'record {index}'
+  logging.warning('Skipping unreadable segmentation example %d (%s): %s', index, name, error)
 
 
 def _patch_features(nets, backbone_params, images: jax.Array, blocks: int) -> jax.Array:
@@ -104,32 +117,59 @@ def compiled_patch_features(nets, blocks: int, mesh):
   return jax.jit(lambda p, x: _patch_features(nets, p, x, blocks), out_shardings=batch_sharding(mesh))
 
 
+class PatchFeatures:
+  """The patch tokens of global batches of `size` x `size` images: every process gives its rows of a
+  batch, every process gets the tokens of the whole batch. `batch_size` is global, rounded up to a
+  multiple of the device count."""
+
+  def __init__(self, nets, backbone_params, size: int, batch_size: int, blocks: int = 1):
+    patch = nets.backbone.patch_size
+    if size % patch:
+      raise ValueError(f'config.eval.dense_size={size} is not a multiple of the patch size {patch}.')
+    mesh = data_mesh()
+    self.size, self.patch = size, patch
+    self.batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    self.rows = self.batch_size // jax.process_count()
+    self._sharding = batch_sharding(mesh)
+    self._fn = compiled_patch_features(nets, blocks, mesh)
+    self._params = jax.device_put(backbone_params, replicated(mesh))
+
+  def gather(self, x) -> np.ndarray:
+    """This process's rows of a global batch -> the whole batch (on every process)."""
+    if jax.process_count() == 1:
+      return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  def __call__(self, local_images: np.ndarray) -> np.ndarray:
+    """(rows, size, size, 3) uint8 of this process -> (batch_size, tokens, D) float32 of all processes."""
+    return self.gather(self._fn(self._params, jax.make_array_from_process_local_data(self._sharding,
+                                                                                      local_images)))
+
+
 def extract(nets, backbone_params, source, size: int, batch_size: int, blocks: int = 1,
-            desc: str = 'patch features') -> tuple[np.ndarray, np.ndarray, int]:
-  """(features (N, h*w, D*blocks) float32, masks (N, size, size) uint8, skipped examples) of every
-  readable example of `source`. `batch_size` is global, rounded up to a multiple of the device count."""
-  patch = nets.backbone.patch_size
-  if size % patch:
-    raise ValueError(f'config.eval.dense_size={size} is not a multiple of the patch size {patch}.')
-  mesh = data_mesh()
-  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  sharding = batch_sharding(mesh)
-  fn = compiled_patch_features(nets, blocks, mesh)
-  params = jax.device_put(backbone_params, replicated(mesh))
-  gather = ((lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))) if jax.process_count() > 1
-            else np.asarray)
-  maker = DenseBatch(source, size, batch_size, jax.process_index(), jax.process_count())
-  steps = -(-len(source) // batch_size)
+            desc: str = 'patch features', reduce_zero_label: bool = False
+            ) -> tuple[np.ndarray, np.ndarray, int]:
+  """(features (N, h*w, D*blocks) bfloat16, masks (N, size, size) uint8, skipped examples) of the training
+  crops of every readable example of `source`, written into arrays allocated once."""
+  features = PatchFeatures(nets, backbone_params, size, batch_size, blocks)
+  maker = DenseBatch(source, size, features.batch_size, jax.process_index(), jax.process_count(),
+                     reduce_zero_label)
+  steps = -(-len(source) // features.batch_size)
   batches = grain.MapDataset.range(steps).map(maker).to_iter_dataset(
       grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
-  feats, masks, valid = [], [], []
-  for batch in tqdm(batches, total=steps, desc=desc, disable=jax.process_index() != 0, leave=False):
-    feats.append(gather(fn(params, jax.make_array_from_process_local_data(sharding, batch['image']))))
-    masks.append(gather(batch['mask']))
-    valid.append(gather(batch['valid']))
-  keep = np.concatenate(valid)[:len(source)]
-  feats, masks = np.concatenate(feats)[:len(source)], np.concatenate(masks)[:len(source)]
-  return feats[keep], masks[keep], int(len(source) - keep.sum())
+  feats = masks = None
+  kept = 0
+  for step, batch in enumerate(tqdm(batches, total=steps, desc=desc, disable=jax.process_index() != 0,
+                                    leave=False)):
+    tokens = features(batch['image'])
+    rows = np.flatnonzero(features.gather(batch['valid'])[:len(source) - step * features.batch_size])
+    if feats is None:
+      feats = np.empty((len(source),) + tokens.shape[1:], FEATURE_DTYPE)
+      masks = np.empty((len(source), size, size), np.uint8)
+    feats[kept:kept + len(rows)] = tokens[rows]
+    masks[kept:kept + len(rows)] = features.gather(batch['mask'])[rows]
+    kept += len(rows)
+  return feats[:kept], masks[:kept], int(len(source) - kept)
 
 
 # ---- Linear probe
@@ -157,15 +197,42 @@ def pixel_cross_entropy(logits: jax.Array, masks: jax.Array) -> jax.Array:
   return jnp.sum(losses * keep) / jnp.maximum(jnp.sum(keep), 1)
 
 
-def train_linear(train_x: np.ndarray, train_masks: np.ndarray, test_x: np.ndarray, test_masks: np.ndarray,
-                 num_classes: int, settings: DenseProbeSettings = DenseProbeSettings()) -> dict[str, Any]:
-  """Trains the probe on (N, h*w, D) features and (N, S, S) masks; scores it on the test set."""
+def channel_statistics(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and standard deviation (variance + 1e-5) of (N, T, D) tokens, in float64 chunks."""
+  sums, squares = np.zeros(x.shape[-1]), np.zeros(x.shape[-1])
+  for start in range(0, len(x), chunk):
+    part = np.asarray(x[start:start + chunk], np.float64).reshape(-1, x.shape[-1])
+    sums, squares = sums + part.sum(0), squares + (part ** 2).sum(0)
+  count = x.shape[0] * x.shape[1]
+  mean = sums / count
+  std = np.sqrt(np.maximum(squares / count - mean ** 2, 0) + 1e-5)
+  return mean.astype(np.float32), std.astype(np.float32)
+
+
+@jax.jit
+def _token_logits(params, mean, std, x):
+  return ((x.astype(jnp.float32) - mean) / std) @ params['w'] + params['b']
+
+
+@dataclasses.dataclass
+class LinearProbe:
+  params: dict                 # 'w' (D, C), 'b' (C,)
+  mean: np.ndarray             # the training tokens' per-channel statistics (D,)
+  std: np.ndarray
+  final_train_loss: Optional[float]
+
+  def token_scores(self, x: np.ndarray) -> np.ndarray:
+    """(n, T, D) tokens -> (n, T, C) class logits, on the accelerator."""
+    return np.asarray(_token_logits(self.params, self.mean, self.std, jnp.asarray(x)))
+
+
+def fit_linear(train_x: np.ndarray, train_masks: np.ndarray, num_classes: int,
+               settings: DenseProbeSettings = DenseProbeSettings()) -> LinearProbe:
+  """Trains the probe on (N, h*w, D) token features (any float dtype, kept on the host: each step sends
+  its batch) and (N, S, S) masks."""
   n, tokens, dim = train_x.shape
   grid, size = int(round(np.sqrt(tokens))), train_masks.shape[-1]
-  mean = train_x.reshape(-1, dim).mean(0)
-  std = np.sqrt(train_x.reshape(-1, dim).var(0) + 1e-5)
-  standardise = lambda x: (jnp.asarray(x, jnp.float32) - mean) / std
-  xs, ms = standardise(train_x), jnp.asarray(train_masks)
+  mean, std = channel_statistics(train_x)
   batch = min(settings.batch_size, n)
   steps_per_epoch = n // batch
   tx = optax.adamw(optax.cosine_decay_schedule(settings.lr, steps_per_epoch * settings.epochs),
@@ -175,26 +242,37 @@ def train_linear(train_x: np.ndarray, train_masks: np.ndarray, test_x: np.ndarra
   opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, idx):
+  def step(params, opt_state, x, masks):
+    standardised = (x.astype(jnp.float32) - mean) / std
     loss, grads = jax.value_and_grad(
-        lambda p: pixel_cross_entropy(upsampled_logits(p, xs[idx], grid, size), ms[idx]))(params)
+        lambda p: pixel_cross_entropy(upsampled_logits(p, standardised, grid, size), masks))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   rng = np.random.default_rng(settings.seed)
-  losses = []
+  loss = None
   for _ in range(settings.epochs):
     order = rng.permutation(n)
     for s in range(steps_per_epoch):
-      params, opt_state, loss = step(params, opt_state, jnp.asarray(order[s * batch:(s + 1) * batch]))
-    losses.append(float(loss))
+      rows = np.sort(order[s * batch:(s + 1) * batch])
+      params, opt_state, loss = step(params, opt_state, train_x[rows], train_masks[rows])
+  return LinearProbe(params, mean, std, None if loss is None else float(loss))
 
-  predict = jax.jit(lambda p, x: jnp.argmax(upsampled_logits(p, x, grid, size), -1).astype(jnp.int32))
+
+def train_linear(train_x: np.ndarray, train_masks: np.ndarray, test_x: np.ndarray, test_masks: np.ndarray,
+                 num_classes: int, settings: DenseProbeSettings = DenseProbeSettings()) -> dict[str, Any]:
+  """Trains the probe and scores it on test crops of the training crops' grid (the logits upsampled to
+  the crop): the protocol on equal crops, without the whole-image evaluation."""
+  probe = fit_linear(train_x, train_masks, num_classes, settings)
+  grid, size = int(round(np.sqrt(train_x.shape[1]))), train_masks.shape[-1]
+  predict = jax.jit(lambda p, x: jnp.argmax(upsampled_logits(p, (x - probe.mean) / probe.std, grid, size),
+                                            -1).astype(jnp.int32))
   confusion = np.zeros((num_classes, num_classes), np.int64)
-  for start in range(0, len(test_x), batch):
-    predicted = np.asarray(predict(params, standardise(test_x[start:start + batch])))
-    confusion += confusion_matrix(test_masks[start:start + batch], predicted, num_classes)
-  return {**scores(confusion), 'final_train_loss': losses[-1] if losses else None, 'epochs': settings.epochs}
+  for start in range(0, len(test_x), settings.batch_size):
+    chunk = slice(start, start + settings.batch_size)
+    predicted = np.asarray(predict(probe.params, jnp.asarray(test_x[chunk], jnp.float32)))
+    confusion += confusion_matrix(test_masks[chunk], predicted, num_classes)
+  return {**scores(confusion), 'final_train_loss': probe.final_train_loss, 'epochs': settings.epochs}
 
 
 # ---- k-NN over patches
@@ -218,21 +296,45 @@ def patch_labels(masks: np.ndarray, patch: int, num_classes: int) -> np.ndarray:
   return labels
 
 
-def knn_segment(train_x: np.ndarray, train_masks: np.ndarray, test_x: np.ndarray, test_masks: np.ndarray,
-                num_classes: int, patch: int, k: int = 20, bank_size: int = 200_000, seed: int = 0
-                ) -> dict[str, Any]:
-  """Labels each test patch by a k-NN vote over the training patches; scores the pixels."""
-  dim = train_x.shape[-1]
+@dataclasses.dataclass
+class PatchBank:
+  """The labelled training patches a validation patch votes among."""
+  features: np.ndarray         # (M, D) float32
+  labels: np.ndarray           # (M,)
+  num_classes: int
+  k: int
+
+  def predict(self, x: np.ndarray) -> np.ndarray:
+    """(n, T, D) tokens -> (n, T): the class of each token's weighted vote."""
+    top = knn.knn_predict(self.features, self.labels, x.reshape(-1, x.shape[-1]), self.num_classes,
+                          ks=(self.k,))
+    return next(iter(top.values()))[:, 0].reshape(x.shape[:2])
+
+  def token_scores(self, x: np.ndarray) -> np.ndarray:
+    """(n, T, D) tokens -> (n, T, C): one for the class of each token's vote."""
+    return np.eye(self.num_classes, dtype=np.float32)[self.predict(x)]
+
+
+def patch_bank(train_x: np.ndarray, train_masks: np.ndarray, num_classes: int, patch: int, k: int = 20,
+               bank_size: int = 200_000, seed: int = 0) -> PatchBank:
+  """The training patches with a labelled pixel, each with its majority class, subsampled to `bank_size`."""
   bank_labels = patch_labels(train_masks, patch, num_classes).reshape(-1)
-  bank = train_x.reshape(-1, dim)
   keep = np.flatnonzero(bank_labels != IGNORE)
   if len(keep) > bank_size:
     keep = np.sort(np.random.default_rng(seed).choice(keep, bank_size, replace=False))
   if not len(keep):
     raise ValueError('No training patch has a labelled pixel; check the annotations.')
-  predicted = knn.knn_predict(bank[keep], bank_labels[keep], test_x.reshape(-1, dim), num_classes, ks=(k,))
-  top1 = next(iter(predicted.values()))[:, 0]
+  features = np.asarray(train_x.reshape(-1, train_x.shape[-1])[keep], np.float32)
+  return PatchBank(features, bank_labels[keep], num_classes, min(k, len(keep)))
+
+
+def knn_segment(train_x: np.ndarray, train_masks: np.ndarray, test_x: np.ndarray, test_masks: np.ndarray,
+                num_classes: int, patch: int, k: int = 20, bank_size: int = 200_000, seed: int = 0
+                ) -> dict[str, Any]:
+  """Labels each test-crop patch by a k-NN vote over the training patches; scores the crops' pixels
+  (the protocol on equal crops, without the whole-image evaluation)."""
+  bank = patch_bank(train_x, train_masks, num_classes, patch, k, bank_size, seed)
   grid = test_masks.shape[-1] // patch
-  pixels = np.repeat(np.repeat(top1.reshape(-1, grid, grid), patch, axis=1), patch, axis=2)
-  return {**scores(confusion_matrix(test_masks, pixels, num_classes)), 'k': min(k, len(keep)),
-          'bank_patches': int(len(keep))}
+  pixels = np.repeat(np.repeat(bank.predict(test_x).reshape(-1, grid, grid), patch, axis=1), patch, axis=2)
+  return {**scores(confusion_matrix(test_masks, pixels, num_classes)), 'k': bank.k,
+          'bank_patches': int(len(bank.labels))}

@@ -17,7 +17,7 @@ import numpy as np
 from udi_jax.data import segmentation
 from udi_jax.data.sources import Source, check_spec, decode_image, limit, open_source, probe_source
 from udi_jax.errors import config_errors
-from udi_jax.evaluate import attention, dense, diagnostics, features, knn, linear
+from udi_jax.evaluate import attention, dense, dense_whole, diagnostics, features, knn, linear
 from udi_jax.models.networks import CLS, CLS_PLUS, Networks
 
 DENSE_PROTOCOLS = ('dense_linear', 'dense_knn')
@@ -128,25 +128,37 @@ def dense_sources(config) -> tuple[Any, Any]:
 
 
 def dense_results(config, nets: Networks, backbone_params, protocols=DENSE_PROTOCOLS) -> dict[str, Any]:
-  """The dense protocols on frozen patch tokens (`dense.py`): {'dense_linear', 'dense_knn', counts}."""
+  """The dense protocols on frozen patch tokens (`dense.py`): trained on the training split's crops, scored
+  on the validation split's whole images at their label resolution (`dense_whole.py`)."""
   ev = config.eval
   train, test = dense_sources(config)
   size, blocks, batch = ev.dense_size or config.data.global_size, ev.dense_blocks, ev.batch_size
+  reduce_zero_label = segmentation.reduces_zero_label(ev.dense_source, ev.dense_reduce_zero_label)
   train_x, train_m, skipped_train = dense.extract(nets, backbone_params, train, size, batch, blocks,
-                                                  'dense training features')
-  test_x, test_m, skipped_test = dense.extract(nets, backbone_params, test, size, batch, blocks,
-                                               'dense validation features')
+                                                  'dense training features', reduce_zero_label)
   classes = int(train.num_classes)
-  out: dict[str, Any] = {'source': ev.dense_source, 'size': size, 'blocks': blocks, 'classes': classes,
-                         'train_examples': len(train_x), 'val_examples': len(test_x),
-                         'skipped_examples': skipped_train + skipped_test}
+  scorers, about = {}, {}
   if 'dense_linear' in protocols:
     settings = dense.DenseProbeSettings(epochs=ev.dense_linear_epochs, batch_size=ev.dense_linear_batch_size,
                                         lr=ev.dense_linear_lr, seed=config.seed)
-    out['dense_linear'] = dense.train_linear(train_x, train_m, test_x, test_m, classes, settings)
+    probe = dense.fit_linear(train_x, train_m, classes, settings)
+    scorers['dense_linear'] = probe.token_scores
+    about['dense_linear'] = {'final_train_loss': probe.final_train_loss, 'epochs': settings.epochs}
   if 'dense_knn' in protocols:
-    out['dense_knn'] = dense.knn_segment(train_x, train_m, test_x, test_m, classes, nets.backbone.patch_size,
-                                         k=ev.dense_knn_k, bank_size=ev.dense_knn_bank, seed=config.seed)
+    bank = dense.patch_bank(train_x, train_m, classes, nets.backbone.patch_size, k=ev.dense_knn_k,
+                            bank_size=ev.dense_knn_bank, seed=config.seed)
+    scorers['dense_knn'] = bank.token_scores
+    about['dense_knn'] = {'k': bank.k, 'bank_patches': int(len(bank.labels))}
+  del train_x
+  features = dense.PatchFeatures(nets, backbone_params, size, batch, blocks)
+  confusions, scored, skipped_test = dense_whole.whole_image_confusions(
+      features, test, scorers, classes, reduce_zero_label, 'dense validation (whole images)')
+  out: dict[str, Any] = {'source': ev.dense_source, 'size': size, 'blocks': blocks, 'classes': classes,
+                         'reduce_zero_label': reduce_zero_label, 'train_examples': len(train_m),
+                         'val_examples': scored, 'skipped_examples': skipped_train + skipped_test,
+                         'scored_on': 'whole validation images at label resolution (sliding windows)'}
+  for name in scorers:
+    out[name] = {**dense.scores(confusions[name]), **about[name]}
   return out
 
 
@@ -296,8 +308,8 @@ def dense_table(config, nets: Networks, init_params: dict, trained_params: dict,
   lines = []
   if config.eval.dense_source:
     d = rows[0]['dense']
-    lines += [f'Dense: {d["source"]} ({d["train_examples"]} training, {d["val_examples"]} validation crops of '
-              f'{d["size"]} px, {d["classes"]} classes); diagnostics on {rows[0]["diagnostics"]["examples"]} '
+    lines += [f'Dense: {d["source"]} ({d["train_examples"]} training crops of {d["size"]} px, {d["val_examples"]} '
+              f'whole validation images, {d["classes"]} classes); diagnostics on {rows[0]["diagnostics"]["examples"]} '
               f'images of {config.eval.test_source}; ln K = {np.log(config.model.out_dim):.2f}', '']
   lines += [header, '|' + '---|' * header.count(' | ') + '---|']
   for r in rows:
