@@ -299,7 +299,7 @@ def patch_labels(masks: np.ndarray, patch: int, num_classes: int) -> np.ndarray:
 @dataclasses.dataclass
 class PatchBank:
   """The labelled training patches a validation patch votes among."""
-  features: np.ndarray         # (M, D) float32
+  features: jax.Array          # (M, D) float32, L2-normalised, on the accelerator (sent once)
   labels: np.ndarray           # (M,)
   num_classes: int
   k: int
@@ -324,7 +324,7 @@ def patch_bank(train_x: np.ndarray, train_masks: np.ndarray, num_classes: int, p
     keep = np.sort(np.random.default_rng(seed).choice(keep, bank_size, replace=False))
   if not len(keep):
     raise ValueError('No training patch has a labelled pixel; check the annotations.')
-  features = np.asarray(train_x.reshape(-1, train_x.shape[-1])[keep], np.float32)
+  features = knn.l2_normalize(jnp.asarray(train_x.reshape(-1, train_x.shape[-1])[keep], jnp.float32))
   return PatchBank(features, bank_labels[keep], num_classes, min(k, len(keep)))
 
 
