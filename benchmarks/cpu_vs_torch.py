@@ -5,7 +5,7 @@ Times, alternately in one process, the backbone's forward and backward pass over
 (this project's `VisionTransformer`) and in PyTorch (timm's `VisionTransformer` with the same widths,
 depth, two class tokens and thread count), then the whole UDI step (`udi_jax.benchmark.measure`) at the
 same shape. Prints the medians and the ratios. Reference for the whole step (the official PyTorch code on
-this project's 2-core CPU, fp32, batch 4, issue 12): 5.6 s at ViT-S/16 depth 12, K 65 536, 2×224 + 10×96;
+a 2-core CPU, fp32, batch 4): 5.6 s at ViT-S/16 depth 12, K 65 536, 2×224 + 10×96;
 1.32 s at depth 4, K 4 096, 2×224 + 4×96 (`--depth=4 --out_dim=4096 --num_local=4`).
 """
 

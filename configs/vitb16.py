@@ -2,7 +2,7 @@
 
 No ViT-B recipe was released with the official code; this one changes only the architecture (width 768,
 12 heads) and keeps every other field of `configs/vits16.py`. The read-out has the backbone's width and
-heads (UDI_SPEC §8.4). Take the learning rate as a starting point, not a reproduced value.
+heads (docs/method.md §8.4). Take the learning rate as a starting point, not a reproduced value.
 
 Launch:
   python -m udi_jax.main --config=configs/vitb16.py --workdir=runs/vitb16

@@ -1,9 +1,9 @@
-"""ViT-S/16 UDI: the released 300-epoch ImageNet-1K recipe (UDI_SPEC §5).
+"""ViT-S/16 UDI: the released 300-epoch ImageNet-1K recipe (docs/method.md §5).
 
 Batch 1024, 2x224 + 10x96 crops, AdamW 5e-4 x batch/256 with 10 warm-up epochs and a cosine to 1e-5,
 weight decay 0.04 -> 0.1, EMA 0.996 -> 1, teacher temperature 0.04 -> 0.07 over 30 epochs, per-tensor
 clipping at 3.0, last layer frozen for 1 epoch, drop path 0.1, norm_last_layer False, K = 65536. This
-project's defaults differ from the official code only where UDI_SPEC §8 says (crop-width bug fixed,
+project's defaults differ from the official code only where docs/method.md §8 says (crop-width bug fixed,
 patch loss normalised by the global valid count, bf16 compute instead of fp16);
 `configs/vits16.py:official` restores the official behaviour of those switches.
 
@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.max_examples = 0             # > 0: train on the first N examples only (quick runs)
   config.data.global_scale = (0.25, 1.0)
   config.data.local_scale = (0.05, 0.25)
-  config.data.fix_crop_width_bug = True    # official: False (UDI_SPEC §8.5)
+  config.data.fix_crop_width_bug = True    # official: False (docs/method.md §8.5)
   config.data.flip_prob = 0.5              # horizontal flips of each crop (official: 0.5)
   config.data.augment = True               # photometric augmentation on the device
   config.data.blur_radius = (0.1, 2.0)     # Gaussian blur radius range (PIL semantics), at most 2

@@ -1,5 +1,5 @@
 """Test session setup: 8 simulated CPU devices, fast compilation and a persistent compilation cache
-(DESIGN contract 12).
+(docs/design.md, contract 12).
 
 The suite is bound by XLA compilation, so the tests compile with LLVM's backend optimisation off
 (`--xla_backend_optimization_level=0`) and XLA's older element-wise emitter
@@ -74,7 +74,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope='session')
 def tiny_run(tmp_path_factory):
-  """The shared tiny training run (DESIGN contract 12): `tests/tiny_train_config.py` as it is (3 epochs of
+  """The shared tiny training run (docs/design.md, contract 12): `tests/tiny_train_config.py` as it is (3 epochs of
   4 steps, a checkpoint and a log line every step) trained in this process on the 8 simulated devices,
   with k-NN after each epoch and the end-of-training report (k-NN table, pictures, timm export).
   Subprocess runs of the same config on 8 devices compile the same step (the persistent cache) and

@@ -1,4 +1,4 @@
-"""Access to the golden data of the official code (DESIGN contract 10) and its conversion to our inputs.
+"""Access to the golden data of the official code (docs/design.md, contract 10) and its conversion to our inputs.
 
 The directory is `UDI_GOLDEN_DIR`, by default `../shared/golden` beside the repository. When it is
 missing, tests that need it skip on a user's machine and FAIL when the `CI` variable is set.

@@ -1,4 +1,4 @@
-"""Ablation switches (UDI_SPEC §9): each changes what it should and nothing else; the sweep command."""
+"""Ablation switches (docs/method.md §9): each changes what it should and nothing else; the sweep command."""
 
 import json
 

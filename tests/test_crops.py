@@ -1,4 +1,4 @@
-"""Multi-crop geometry on the host (UDI_SPEC §5.2)."""
+"""Multi-crop geometry on the host (docs/method.md §5.2)."""
 
 import numpy as np
 import pytest
@@ -51,7 +51,7 @@ def test_second_global_and_local_crops_overlap_by_half_the_smaller_extent():
 
 
 def test_official_width_bug_is_reproduced_on_request():
-  """fix_crop_width_bug=False: rows unchanged, columns lose the guarantee (UDI_SPEC §8.5)."""
+  """fix_crop_width_bug=False: rows unchanged, columns lose the guarantee (docs/method.md §8.5)."""
   global_overlap, _, _ = simulate(fix_bug=False)
   assert global_overlap[:, 0].min() >= 0.45
   assert global_overlap[:, 1].min() < 0.3

@@ -1,7 +1,7 @@
 """The objective on 8 simulated devices equals the 1-device value, with per-example randomness on.
 
 Drop path (student) and the stratified sampling draw from keys folded from the global example index
-(DESIGN contract 2); losses, centres and metrics are pooled with psum (UDI_SPEC §8.3, §8.8). Gradients:
+(docs/design.md, contract 2); losses, centres and metrics are pooled with psum (docs/method.md §8.3, §8.8). Gradients:
 each device differentiates its share of the loss, and the shares' gradients sum to the global gradient.
 Tolerances: float32 summation order only (relative 1e-5 for losses and centres, 1e-4 for gradients).
 """

@@ -1,4 +1,4 @@
-"""Official UDI state dicts <-> params (UDI_SPEC §7.1, §7.4)."""
+"""Official UDI state dicts <-> params (docs/method.md §7.1, §7.4)."""
 
 import jax
 import numpy as np
@@ -16,7 +16,7 @@ def test_vit_small_layout_has_the_official_keys_and_shapes():
   shapes = jax.eval_shape(nets.init, jax.random.key(0))
   zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
   state = official.to_official(zeros)
-  assert len(state) == 182                       # UDI_SPEC §7.1: the teacher's 182 keys
+  assert len(state) == 182                       # docs/method.md §7.1: the teacher's 182 keys
   expect = {
       'backbone.backbone.cls_token': (1, 2, 384), 'backbone.backbone.pos_embed': (1, 198, 384),
       'backbone.backbone.patch_embed.proj.weight': (384, 3, 16, 16),

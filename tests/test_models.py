@@ -18,7 +18,7 @@ def count(tree):
 
 
 def test_vit_small_parameter_counts_match_spec():
-  """UDI_SPEC §2.6, from shapes only (jax.eval_shape allocates nothing)."""
+  """docs/method.md §2.6, from shapes only (jax.eval_shape allocates nothing)."""
   config = vits16.get_config()
   shapes = jax.eval_shape(build_networks(config).init, jax.random.key(0))
   assert count(shapes['backbone']) == 21_666_432
@@ -58,7 +58,7 @@ def test_other_sizes_build_and_trace_the_objective(arch, width):
 
 
 def test_bicubic_matrix_equals_torch_interpolate():
-  """UDI_SPEC §2.2 against torch itself: bicubic, scale_factor=(F'+0.1)/14, align_corners=False."""
+  """docs/method.md §2.2 against torch itself: bicubic, scale_factor=(F'+0.1)/14, align_corners=False."""
   torch = pytest.importorskip('torch', reason='torch is in requirements-dev.txt')
   grid = np.random.default_rng(0).normal(size=(14, 14, 5)).astype(np.float32)
   for out_tokens in (6, 8, 10, 12, 28):

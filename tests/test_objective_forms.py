@@ -1,6 +1,6 @@
 """The objective's exact rewrites equal the straightforward official form on random inputs.
 
-Rewrites (UDI_SPEC §8.1, §8.6, §8.7): teacher backbone once with all read-out points in one call, cls+
+Rewrites (docs/method.md §8.1, §8.6, §8.7): teacher backbone once with all read-out points in one call, cls+
 targets and the patch centre in the 256-d bottleneck space, sparse bilinear read-out with unpacked rows.
 The reference (`reference_udi.py`) runs the teacher twice, projects every read-out to K logits and uses
 dense maps, as the official code does; it is itself checked against the golden numbers.

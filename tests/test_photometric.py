@@ -78,7 +78,7 @@ def test_blur_matches_pil_gaussian_blur(photos):
 
 
 def test_random_choices_have_the_recipe_probabilities():
-  """UDI_SPEC §5.1: jitter 0.8, grayscale 0.2, blur 0.425, solarize 0.1; random order; factor ranges.
+  """docs/method.md §5.1: jitter 0.8, grayscale 0.2, blur 0.425, solarize 0.1; random order; factor ranges.
   Bound: 5 standard errors of a proportion over 40 000 draws."""
   n = 40000
   settings = ph.PhotometricSettings()

@@ -188,7 +188,7 @@ def released_step(vit_s16):
 
 
 def test_analytic_flops_of_the_released_recipe_agree_with_xla(vit_s16, released_step):
-  """The analytic count (matmuls and attention, DESIGN contract 11) of ViT-S/16 with 2x224 + 10x96 is the
+  """The analytic count (matmuls and attention, docs/design.md, contract 11) of ViT-S/16 with 2x224 + 10x96 is the
   documented 137.1 GFLOP per image and step, and lies within 5 % below XLA's count of the real step
   (lowered from abstract shapes, nothing allocated; per device, 2 images), which adds the element-wise
   work and the crops' resampling products (2.9 GFLOP: 142.9 in all, 140.0 with host crops). Forgetting

@@ -1,4 +1,4 @@
-"""Stratified sampling and cross-view correspondence (UDI_SPEC §3)."""
+"""Stratified sampling and cross-view correspondence (docs/method.md §3)."""
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,7 @@ def test_batch_correspondence_reproduces_official_maps(patterns):
 
 
 def test_point_rounding_onto_last_row_keeps_student_mask_and_zero_teacher_weights():
-  """UDI_SPEC §3.4: a valid sample whose target coordinate rounds to 13 gets all-zero weights."""
+  """docs/method.md §3.4: a valid sample whose target coordinate rounds to 13 gets all-zero weights."""
   src = jnp.asarray([0.2718125, 0.1, 0.89179856, 0.9], jnp.float32)
   tgt = jnp.asarray([0.30331787, 0.0, 0.8917986, 1.0], jnp.float32)
   cells = jnp.asarray([13 * 14 + 7])          # last row, a middle column
@@ -119,7 +119,7 @@ def test_one_sample_per_window_and_uniform_corner():
 
 
 def test_masks_are_shared_within_an_image():
-  """Both global views use one pattern (UDI_SPEC §3.2); all local crops use one pattern."""
+  """Both global views use one pattern (docs/method.md §3.2); all local crops use one pattern."""
   settings = SamplingSettings()
   rng = np.random.default_rng(0)
   batch, n_local = 4, 3

@@ -4,7 +4,7 @@ Times the compiled step (photometric augmentation, sampling, teacher, student, o
 synthetic uint8 batches with realistic crop boxes, after warm-up, synchronising the device after every
 step; reports the median step time, images/s per device, peak device memory, and MFU.
 
-MFU (DESIGN contract 11) = model FLOPs per image x images/s / the device's peak bf16 rate. Model FLOPs are
+MFU (docs/design.md, contract 11) = model FLOPs per image x images/s / the device's peak bf16 rate. Model FLOPs are
 counted analytically (`udi_flops_per_image`): matmuls and attention of the student forward on every crop,
 its read-out and head rows, x3 for forward + backward, plus the teacher forward on the two global views
 with its read-out at all 16 + 9 n_l points per view and the projected target rows. Element-wise work

@@ -1,6 +1,6 @@
 r"""Export a checkpoint to PyTorch: `python -m udi_jax.export --workdir=RUN --format=FORMAT --out=FILE`.
 
-Formats (UDI_SPEC §7):
+Formats (docs/method.md §7):
 - `timm`: a state dict for `timm.models.vision_transformer.VisionTransformer(class_token=True,
   reg_tokens=1)` (token 1 as the register token; a 1-token model maps to a plain timm ViT). Written as
   .safetensors without torch, or .pth with torch. `--img_size=S` bakes the positional table for S px with

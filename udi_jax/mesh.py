@@ -1,4 +1,4 @@
-"""The device mesh of every computation: one `data` axis over all devices (DESIGN "Meshes").
+"""The device mesh of every computation: one `data` axis over all devices (docs/design.md, decisions).
 
 Built with `jax.sharding.Mesh` (Auto axes): `jax.make_mesh` defaults to Explicit axes, which reject
 unsharded inputs to `shard_map`.

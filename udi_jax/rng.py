@@ -1,4 +1,4 @@
-"""Per-example randomness on the device (DESIGN contract 2).
+"""Per-example randomness on the device (docs/design.md, contract 2).
 
 Every draw that concerns one example comes from a key folded from (seed, step, global example index) and
 a named stream, never from a device or process index, so results do not depend on how the batch is split.

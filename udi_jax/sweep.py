@@ -111,7 +111,7 @@ def apply(config, point: dict[str, Any]):
     for part in parents:
       node = node[part]
     node[leaf] = value
-  # The DINO baseline has one class token (UDI_SPEC §9): follow include_patch unless set explicitly.
+  # The DINO baseline has one class token (docs/method.md §9): follow include_patch unless set explicitly.
   if not config.udi.include_patch and 'model.num_cls_tokens' not in point:
     config.model.num_cls_tokens = 1
   return config

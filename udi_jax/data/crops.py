@@ -1,4 +1,4 @@
-"""Multi-crop geometry on the host: crop boxes, flips, resize (UDI_SPEC §5.2, `RandomCropCoord`).
+"""Multi-crop geometry on the host: crop boxes, flips, resize (docs/method.md §5.2, `RandomCropCoord`).
 
 Crop 0 is a random-resized crop (scale (0.25, 1)); crop 1 is drawn relative to it and shifted toward it
 so that the two overlap by about half the smaller extent per axis; the local crops use the same rule with
@@ -8,7 +8,7 @@ horizontally with probability 1/2 and resized (bicubic, antialiased, as PIL) to 
 
 A box is `[i0, j0, i1, j1]` = [top/(H-1), left/(W-1), (top+h-1)/(H-1), (left+w-1)/(W-1)] in float32,
 with j0 and j1 swapped for a flipped crop. All randomness comes from the NumPy generator handed in
-(seeded per example by the pipeline, DESIGN contract 2).
+(seeded per example by the pipeline, docs/design.md, contract 2).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class CropSettings:
   global_scale: tuple[float, float] = (0.25, 1.0)
   local_scale: tuple[float, float] = (0.05, 0.25)
   flip_prob: float = 0.5
-  fix_crop_width_bug: bool = True   # False reproduces udi_augmentation.py:264 (UDI_SPEC §8.5)
+  fix_crop_width_bug: bool = True   # False reproduces udi_augmentation.py:264 (docs/method.md §8.5)
   canvas_size: int = 0              # > 0: the host only fits images in a canvas, the device cuts the crops
 
   def __post_init__(self):
@@ -158,7 +158,7 @@ class CropPlan:
 
 
 def plan_crops(rng: np.random.Generator, height: int, width: int, settings: CropSettings) -> CropPlan:
-  """Draws every crop's box and flip from `rng` (the order of draws is part of DESIGN contract 2)."""
+  """Draws every crop's box and flip from `rng` (the order of draws is part of docs/design.md, contract 2)."""
   s = settings
   windows, flips, boxes = [], [], []
 

@@ -3,7 +3,7 @@
 Host (`config.data.crops_on` resolves to the device): each image is decoded (a large JPEG in the decoder's
 draft mode), fitted into an S x S uint8 canvas (S = `config.data.canvas_size`; placed top-left, zero
 padded; reduced only when its longer side exceeds S) and its crops are planned exactly as for host crops
-(`crops.plan_crops`: the same generator, boxes and flips, DESIGN contract 2). The batch carries the
+(`crops.plan_crops`: the same generator, boxes and flips, docs/design.md, contract 2). The batch carries the
 canvases and each crop's window in canvas pixels, `(top, left, height, width, flip)`: the box scaled by
 the canvas reduction, which also records the image's valid extent.
 

@@ -1,4 +1,4 @@
-"""Photometric augmentation on the accelerator, inside the jitted step (UDI_SPEC §5.1).
+"""Photometric augmentation on the accelerator, inside the jitted step (docs/method.md §5.1).
 
 Per crop, identical for every crop (no per-view asymmetry, unlike DINO):
 1. with p 0.8 colour jitter: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in random order;
@@ -11,7 +11,7 @@ Images travel as uint8 and are worked on as float32 in [0, 1] (no intermediate r
 torchvision/PIL: greyscale is ITU-R 601 luma (0.299, 0.587, 0.114); contrast blends with the image's mean
 luma; hue rotates in HSV; the blur is PIL's: three passes of an "extended box" whose fractional radius
 gives a Gaussian of standard deviation `radius`, composed here into one separable kernel, edges
-replicated. Every draw comes from the crop's own key (DESIGN contract 2).
+replicated. Every draw comes from the crop's own key (docs/design.md, contract 2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The host input pipeline (grain): global batches of uint8 crops and their boxes.
 
-DESIGN contracts 1–4:
+docs/design.md, contracts 1–4:
 1. Global batch t of epoch e is `perm_e[s*B:(s+1)*B]` with s = t mod (steps per epoch), `perm_e` one seeded
    permutation per epoch (the remainder is dropped). Process p of P builds rows `[p*B/P, (p+1)*B/P)`;
    its devices take contiguous sub-slices. The batches therefore depend on (seed, epoch, B) only.

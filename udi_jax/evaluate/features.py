@@ -1,4 +1,4 @@
-"""Frozen features of a backbone for evaluation (UDI_SPEC §6).
+"""Frozen features of a backbone for evaluation (docs/method.md §6).
 
 Preprocessing (host, deterministic): resize the shorter side to round(crop * resize_ratio) with bicubic
 resampling, centre-crop `crop`, ImageNet normalisation on the device. The ratio is 256/224 in the

@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen features (the DINO protocol, UDI_SPEC §6).
+"""Weighted k-NN classification on frozen features (the DINO protocol, docs/method.md §6).
 
 Features are L2-normalised; each query takes its k most similar training features (cosine), weights
 each by exp(similarity / T) with T = 0.07, sums the weights per class and predicts the classes in order

@@ -1,4 +1,4 @@
-"""Linear probe and low-shot logistic regression on frozen features (UDI_SPEC §6).
+"""Linear probe and low-shot logistic regression on frozen features (docs/method.md §6).
 
 Linear probe (the official protocol): one linear layer, weights N(0, 0.01) and bias 0, trained with SGD
 (momentum 0.9, no weight decay), lr = 0.02 x batch/256 with a cosine to 0 over 100 epochs, on the

@@ -1,11 +1,11 @@
-"""The PyTorch layouts a network is exported to (UDI_SPEC §7): timm (exact), the official UDI training
+"""The PyTorch layouts a network is exported to (docs/method.md §7): timm (exact), the official UDI training
 checkpoint (`udi`), and DINO (lossy). `payload` builds the object of a format, `how_to_load` says how to
 load the written file.
 
 - timm: `VisionTransformer(class_token=True, reg_tokens=1, no_embed_class=False)`: token 0 is `cls_token`,
   token 1 the register token `reg_token`, and the positional table is unchanged (timm concatenates
   [cls, reg, patches] and then adds it, UDI's order). A 1-token model maps to a plain timm ViT.
-  `img_size` bakes the table for another input size with the official bicubic (UDI_SPEC §2.2), because
+  `img_size` bakes the table for another input size with the official bicubic (docs/method.md §2.2), because
   timm's own resampling differs.
 - dino: facebookresearch/dino `vit_*` keys with ONE class token: token 1 and its positional row are
   dropped, which changes the network (lossy). For legacy evaluation code only.

@@ -1,4 +1,4 @@
-"""Official ISL-CV/udi state dicts <-> this project's params, as NumPy arrays (UDI_SPEC §7.1, §7.4).
+"""Official ISL-CV/udi state dicts <-> this project's params, as NumPy arrays (docs/method.md §7.1, §7.4).
 
 A network's official keys (no prefix for the teacher, `module.` for the DDP student):
 `backbone.backbone.<ViT>`, `backbone.norm1.*` and `backbone.attn.{qkv,proj,norm}.*` (the read-out), and

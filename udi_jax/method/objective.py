@@ -1,4 +1,4 @@
-"""The UDI objective: teacher targets, student outputs, the level losses, the centre update (UDI_SPEC §4).
+"""The UDI objective: teacher targets, student outputs, the level losses, the centre update (docs/method.md §4).
 
 Per-device code, read as five stages that `udi_objective` composes:
 
@@ -11,14 +11,14 @@ Per-device code, read as five stages that `udi_objective` composes:
 5. `health_metrics`: teacher entropy and KL per level, fraction of valid samples.
 
 With `axis_name` set (inside `shard_map`/`pmap` over the `data` axis) every reduction is global: the
-reported losses and the centres are those of the whole batch, pooled with `psum` (UDI_SPEC §8.3 and
+reported losses and the centres are those of the whole batch, pooled with `psum` (docs/method.md §8.3 and
 §8.8), so they do not depend on the number of devices.
 
-Levels (DESIGN contract 5): `cls` (z_cls vs the teacher's cls distribution), `cls_plus` (z_cls+ vs the
+Levels (docs/design.md, contract 5): `cls` (z_cls vs the teacher's cls distribution), `cls_plus` (z_cls+ vs the
 multimodal blend of teacher cls and read-out logits), `patch` (student read-outs vs teacher read-outs at
 corresponding points). The total loss is the mean over the active levels.
 
-Two exact rewrites of the official computation (UDI_SPEC §8.1, §8.6), tested against the straightforward
+Two exact rewrites of the official computation (docs/method.md §8.1, §8.6), tested against the straightforward
 form: the teacher backbone runs once on the global views and reads out all 16 + 9*n_l points per view in
 one call; and because the head's last layer is linear and bias-free, the masked means behind the cls+
 targets and the patch centre are taken over the 256-d bottleneck vectors and projected once, instead of

@@ -1,6 +1,6 @@
 """Stratified random sampling (SRS) and cross-view correspondence, from crop boxes, on the accelerator.
 
-UDI_SPEC §3. A box is `[i0, j0, i1, j1]` in normalised ij image coordinates; a horizontal flip swaps j0
+docs/method.md §3. A box is `[i0, j0, i1, j1]` in normalised ij image coordinates; a horizontal flip swaps j0
 and j1. Per image, one stratified cell pattern on the global grid is shared by both global views and one
 on the local grid by all local crops. Each source sample is projected into a target GLOBAL view: it is
 valid when strictly inside the target's (unflipped) box, and the teacher reads it out with the bilinear
@@ -34,7 +34,7 @@ class Samples:
   teacher_idx: jax.Array     # (2B, St, 4) int32 neighbour tokens on the teacher view's grid
   teacher_w: jax.Array       # (2B, St, 4) float32 bilinear weights, 0 for invalid points
   teacher_mask: jax.Array    # (2B, St) float32 m^t = sum of the weights (~1 valid, 0 invalid)
-  # For the local patch-loss ablation (UDI_SPEC §9): the local pattern and every point's validity.
+  # For the local patch-loss ablation (docs/method.md §9): the local pattern and every point's validity.
   local_idx: Optional[jax.Array] = None       # (B, Sl) int32 token indices on the local grid
   teacher_valid: Optional[jax.Array] = None   # (2B, St) float32: 1 where the point lies inside view v
 
@@ -60,7 +60,7 @@ SAMPLING_MODES = ('stratified', 'fixed', 'uniform')
 def stratified_cells(key: jax.Array, grid: int, window: int, mode: str = 'stratified') -> jax.Array:
   """Sorted token indices (g*g,) of one image's sampling pattern, g = grid // window.
 
-  - `stratified` (UDI_SPEC §3.2): one random cell per window of a (g*window)^2 block; when the block is
+  - `stratified` (docs/method.md §3.2): one random cell per window of a (g*window)^2 block; when the block is
     smaller than the grid it sits in one of the 4 corners with probability 1/4 each;
   - `fixed`: the first cell of every window (official `random_sampling=False`), the corner still random;
   - `uniform`: the same number of distinct tokens drawn uniformly over the whole grid, without windows.
@@ -148,7 +148,7 @@ def correspond_batch(boxes: jax.Array, global_cells: jax.Array, local_cells: jax
 
 def draw_cells(keys: jax.Array, global_grid: int, local_grid: int, global_window: int,
                local_window: int, mode: str = 'stratified') -> tuple[jax.Array, jax.Array]:
-  """Per-image cell patterns (B, Sg), (B, Sl) from per-example keys (B,) (DESIGN contract 2)."""
+  """Per-image cell patterns (B, Sg), (B, Sl) from per-example keys (B,) (docs/design.md, contract 2)."""
   def per_image(key):
     k_global, k_local = jax.random.split(key)
     return (stratified_cells(k_global, global_grid, global_window, mode),
@@ -158,7 +158,7 @@ def draw_cells(keys: jax.Array, global_grid: int, local_grid: int, global_window
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
-  """Token grids of the global and local crops and the SRS window sizes (UDI_SPEC §3.2)."""
+  """Token grids of the global and local crops and the SRS window sizes (docs/method.md §3.2)."""
   global_grid: int = 14
   local_grid: int = 6
   global_window: int = 3

@@ -1,6 +1,6 @@
 """Learning rate, weight decay, teacher momentum and teacher temperature as functions of the step.
 
-The official `utils.cosine_scheduler` (UDI_SPEC §5), evaluated from the traced global step instead of a
+The official `utils.cosine_scheduler` (docs/method.md §5), evaluated from the traced global step instead of a
 precomputed table: a linear warm-up `linspace(0, base, W)` that includes both ends (so the base value
 appears at steps W-1 and W), then `final + (base - final)(1 + cos(pi (t - W)/(T - W)))/2` for t >= W,
 which never quite reaches `final`. The teacher temperature is indexed by EPOCH:

@@ -1,10 +1,10 @@
-"""The DINO projection head shared by z_cls, z_cls+ and the read-outs (UDI_SPEC §2.5).
+"""The DINO projection head shared by z_cls, z_cls+ and the read-outs (docs/method.md §2.5).
 
     u = normalize(fc4(gelu(fc2(gelu(fc0(x))))))                 bottleneck, L2-normalised (eps 1e-12)
     logits = W u,   W_k = g_k v_k / ||v_k||                     weight-normed, bias-free
 
 The last layer is linear and bias-free, which is what lets the objective blend targets in the bottleneck
-space (UDI_SPEC §8.6); `embed` and `project` expose the two halves. Parameters: `mlp_0`, `mlp_2`, `mlp_4`
+space (docs/method.md §8.6); `embed` and `project` expose the two halves. Parameters: `mlp_0`, `mlp_2`, `mlp_4`
 (torch `mlp.0/2/4`) and `last_layer/{weight_v (bottleneck, K), weight_g (1, K)}`. With
 `norm_last_layer=True`, g is fixed at 1 and is not a parameter (torch sets requires_grad=False).
 """

@@ -1,7 +1,7 @@
 """The three networks of a UDI model (backbone, read-out, head) built from a config, and their params.
 
 Params are a plain dict: `{'backbone': ..., 'readout': ..., 'head': ...}`; with `shared_head=False` the
-head is replaced by `'heads': {level: ...}`, one per active level (DESIGN contract 5). Student and teacher
+head is replaced by `'heads': {level: ...}`, one per active level (docs/design.md, contract 5). Student and teacher
 have the same structure. The read-out is absent without the patch branch (`include_patch=False`).
 """
 
@@ -18,7 +18,7 @@ from udi_jax.models.head import DINOHead
 from udi_jax.models.readout import SRSReadout
 from udi_jax.models.vit import ATTENTION_KERNELS, VisionTransformer, vit
 
-LEVELS = ('cls', 'cls_plus', 'patch')      # DESIGN contract 5; also the official order of heads and centres
+LEVELS = ('cls', 'cls_plus', 'patch')      # docs/design.md, contract 5; also the official order of heads and centres
 CLS, CLS_PLUS, PATCH = LEVELS
 TOKEN_LEVELS = (CLS, CLS_PLUS)             # the level class token t is trained at: TOKEN_LEVELS[t]
 Params = dict[str, Any]

@@ -1,6 +1,6 @@
 """The SRS read-out: one attention layer that pools a patch representation at a sampled point.
 
-UDI_SPEC §2.4. For the patch tokens P (N, D) of one view and a weight row w over the N tokens:
+docs/method.md §2.4. For the patch tokens P (N, D) of one view and a weight row w over the N tokens:
 
     X = LN_pre(P);  Q, K, V = split(X W_qkv + b_qkv)
     q = sum_n w_n Q_n;   x = sum_n w_n X_n                     (the query and the residual)

@@ -1,6 +1,6 @@
 """Vision Transformer with several class tokens, named after the PyTorch (DINO/UDI/timm) keys.
 
-UDI_SPEC §2.1–2.3. The sequence is `[cls_0 .. cls_{T-1}, patch_0 .. patch_{N-1}]`, positional rows for the
+docs/method.md §2.1–2.3. The sequence is `[cls_0 .. cls_{T-1}, patch_0 .. patch_{N-1}]`, positional rows for the
 class tokens first, pre-norm blocks, LayerNorm eps 1e-6, exact GELU, fused qkv with bias.
 
 Parameter tree (one tensor per PyTorch tensor, so that per-tensor clipping and export line up):
@@ -8,7 +8,7 @@ Parameter tree (one tensor per PyTorch tensor, so that per-tensor clipping and e
 `blocks_{i}/{norm1, attn/{qkv, proj}, norm2, mlp/{fc1, fc2}}`, `norm`.
 
 Drop path (stochastic depth) draws its per-sample masks from per-row PRNG keys handed in by the caller
-(DESIGN contract 2), so a row's mask does not depend on the device that computes it.
+(docs/design.md, contract 2), so a row's mask does not depend on the device that computes it.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def dense(features: int, name: str, dtype: DType, use_bias: bool = True) -> nn.D
 def torch_bicubic_matrix(in_size: int, out_tokens: int) -> np.ndarray:
   """(out_tokens, in_size) matrix of torch `interpolate(bicubic, scale_factor=(out+0.1)/in)`.
 
-  UDI_SPEC §2.2: the source coordinate uses the scale factor, not the size ratio; cubic kernel A=-0.75;
+  docs/method.md §2.2: the source coordinate uses the scale factor, not the size ratio; cubic kernel A=-0.75;
   taps clamped to the border (weights of duplicates accumulate); no antialias. Computed in float32 as
   torch's CPU kernel does.
   """

@@ -1,4 +1,4 @@
-"""The official optimiser as an optax chain (UDI_SPEC §5, golden `udi_golden_optim`).
+"""The official optimiser as an optax chain (docs/method.md §5, golden `udi_golden_optim`).
 
     per-tensor clipping at 3.0  ->  AdamW, per group:  'rest'        Adam, decay, -lr
                                                        'last_layer'  the same, frozen in epoch 0
@@ -10,7 +10,7 @@
 - While frozen, the last layer gets no update, no decay and no moment change, and its Adam count does not
   advance: its own count starts when it unfreezes, as torch's per-tensor count does.
 - lr, weight decay and the freeze are read from the global step, passed as the `step` extra argument
-  (DESIGN contract 6), never from the optimiser's own counters.
+  (docs/design.md, contract 6), never from the optimiser's own counters.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """One training step: written once as per-device code, mapped with shard_map (default) or pmap.
 
-Per device (DESIGN "one training step, as data"): the crops cut from the canvases when the geometry runs
+Per device (docs/design.md, one training step): the crops cut from the canvases when the geometry runs
 on the device (`data/device_crops.py`), photometric augmentation of the uint8 crops, stratified
 sampling and correspondences from the boxes, the objective (teacher once, student, three levels), the
 gradient of this device's share of the loss summed over devices, the optimiser (per-tensor clipping,
 AdamW, frozen last layer), the EMA teacher and the new centres. Every random draw is folded from
-(seed, step, example index) (DESIGN contract 2), so the result does not depend on the device count.
+(seed, step, example index) (docs/design.md, contract 2), so the result does not depend on the device count.
 
 The body takes gradients itself and sums them with `psum`; the shard_map therefore runs with
 `check_vma=False` (with it on, JAX would already sum the gradient of replicated params and the explicit
