@@ -8,7 +8,7 @@ best of the recipes tried: benchmarks/RESULTS.md, "Demo recipes"). After trainin
 table (raw pixels, the network at initialisation, the pretrained teacher's token 0, token 1 and both; the
 digits evaluated at their own 28 px) and draws attention pictures. In this budget the features stay within a few k-NN points of the initialisation; the
 earlier recipe (T_t 0.04, EMA 0.99) collapsed the `cls` level to a uniform output, as the official code
-does in that regime (README, "Dynamics against the official code").
+does in that regime (docs/results.md, "Dynamics against the official code").
 
   python -m udi_jax.main --config=configs/demo.py
   python -m udi_jax.main --config=configs/demo.py:digits

@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.freeze_last_layer_epochs = 1
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'tfds:imagenet2012:train'   # or imagefolder:/path/to/train (see README)
+  config.data.source = 'tfds:imagenet2012:train'   # or imagefolder:/path/to/train (docs/data.md)
   config.data.data_dir = ''                # tfds data dir; '' = tfds default (~/tensorflow_datasets)
   config.data.global_size = 224
   config.data.local_size = 96

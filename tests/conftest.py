@@ -5,7 +5,7 @@ The suite is bound by XLA compilation, so the tests compile with LLVM's backend 
 (`--xla_backend_optimization_level=0`) and XLA's older element-wise emitter
 (`--xla_cpu_use_fusion_emitters=false`): measured on the objective's compile, 1/3 and then another half
 less time. XLA's own HLO optimisations still run, the numbers the tests check agree with the default
-flags to the digits they report (README, parity table), and runs compared bitwise are compiled with the
+flags to the digits they report (docs/results.md, parity table), and runs compared bitwise are compiled with the
 same flags. Set either flag in XLA_FLAGS to override it.
 XLA_FLAGS must be set before JAX initialises its backends, hence at import time of this file.
 """

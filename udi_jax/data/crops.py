@@ -61,7 +61,7 @@ CROPS_ON = ('auto', 'host', 'device')
 def crops_on_device(config) -> bool:
   """Whether `config.data.crops_on` puts the crop geometry on the accelerator: `auto` does on a GPU or
   TPU (the host then only decodes) and not on a CPU, where the "device" is the same cores (measured in
-  README, Data)."""
+  docs/data.md)."""
   where = config.data.crops_on
   if where not in CROPS_ON:
     raise ValueError(f'config.data.crops_on={where!r} is not known; use one of {CROPS_ON}.')

@@ -5,7 +5,7 @@ last four blocks, each normed, concatenated). Both protocols learn from `size` x
 (shorter side to `size`, bicubic, centre crop; the class map resized with nearest neighbours), whose
 tokens are held on the host in bfloat16 and streamed to the accelerator a batch at a time (ADE20K's
 20 210 training images at 448 px, ViT-S/16: 784 tokens x 384 channels x 2 bytes = 12.2 GB of host
-memory, plus 4.1 GB of class maps; README, Evaluation, has the device's share). They are scored on
+memory, plus 4.1 GB of class maps; docs/evaluation.md has the device's share). They are scored on
 the whole validation images at their own label resolution (`dense_whole.py`): the mean IoU over the
 classes present in the labels or predictions (mmseg's convention: a class with an empty union is left
 out) and the pixel accuracy, over every pixel not labelled 255.

@@ -3,7 +3,7 @@
 Linear probe (the official protocol): one linear layer, weights N(0, 0.01) and bias 0, trained with SGD
 (momentum 0.9, no weight decay), lr = 0.02 x batch/256 with a cosine to 0 over 100 epochs, on the
 features of the last 4 blocks' token 0. By default on cached features of the evaluation crops (resize +
-centre crop); the official training augmentation differs (see README). Reported: the final and the best
+centre crop); the official training augmentation differs (docs/method.md §6). Reported: the final and the best
 top-1 over the epochs (the official number is the best).
 
 Low-shot (the iBOT protocol): 1 % and 10 % of the training labels (per class, fixed by seed, or SimCLRv2

@@ -213,7 +213,7 @@ class MetricsLog:
             'The %s level has collapsed to a uniform output: its teacher entropy stayed within %.2f nats of '
             'ln K = %.2f over steps %d-%d (logit_spread/%s, the per-image signal, is in the metrics). Lower '
             'udi.teacher_temp first; a faster EMA (udi.momentum_teacher) or a lower optim.lr may help too; '
-            'see README, Troubleshooting.', level, COLLAPSE_NATS, self.uniform_entropy, fetched[0][0],
+            'see docs/troubleshooting.md.', level, COLLAPSE_NATS, self.uniform_entropy, fetched[0][0],
             fetched[-1][0], level)
 
   def close(self):
