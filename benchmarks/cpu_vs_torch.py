@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OFFICIAL_STEP_S = {(12, 65536, 10): 5.6, (4, 4096, 4): 1.32}   # measured as the docstring says
 
@@ -39,12 +35,13 @@ def jax_backbone_pass(config, batch: int):
   """A jitted forward+backward of the backbone over a step's crops, and its inputs."""
   import jax
   import jax.numpy as jnp
+
   from udi_jax.models.networks import build_networks
   nets = build_networks(config)
   params = nets.init(jax.random.key(0))['backbone']
-  g, l, n = config.data.global_size, config.data.local_size, config.data.num_local
+  g, loc, n = config.data.global_size, config.data.local_size, config.data.num_local
   views = jnp.asarray(jax.random.normal(jax.random.key(1), (2 * batch, g, g, 3)))
-  locals_ = jnp.asarray(jax.random.normal(jax.random.key(2), (n * batch, l, l, 3)))
+  locals_ = jnp.asarray(jax.random.normal(jax.random.key(2), (n * batch, loc, loc, 3)))
   keys = jax.random.split(jax.random.key(3), (2 + n) * batch)
 
   def loss(p):
@@ -62,14 +59,14 @@ def torch_backbone_pass(config, batch: int):
   import timm
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
-  m, g, l, n = config.model, config.data.global_size, config.data.local_size, config.data.num_local
+  m, g, loc, n = config.model, config.data.global_size, config.data.local_size, config.data.num_local
   width = {'vit_tiny': (192, 3), 'vit_small': (384, 6), 'vit_base': (768, 12)}[m.arch]
   model = timm.models.vision_transformer.VisionTransformer(
       img_size=g, patch_size=m.patch_size, embed_dim=m.embed_dim or width[0], depth=m.depth,
       num_heads=m.num_heads or width[1], class_token=True, reg_tokens=1, num_classes=0,
       drop_path_rate=m.drop_path_rate, dynamic_img_size=True)
   model.train()
-  views, locals_ = torch.randn(2 * batch, 3, g, g), torch.randn(n * batch, 3, l, l)
+  views, locals_ = torch.randn(2 * batch, 3, g, g), torch.randn(n * batch, 3, loc, loc)
 
   def run():
     model.zero_grad(set_to_none=True)
@@ -92,6 +89,7 @@ def main():
   from absl import flags
   flags.FLAGS.mark_as_parsed()
   import jax
+
   from configs import vits16
   from udi_jax.benchmark import measure
   config = vits16.get_config()

@@ -19,7 +19,6 @@ import time
 from absl import app, flags, logging
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 flags.DEFINE_string('only', '', 'Comma-separated recipe names (default: all).')
 flags.DEFINE_string('workdir', 'runs/demo_recipes', 'Where the recipes train.')
@@ -81,6 +80,7 @@ def apply(config, overrides: dict):
 
 def run(name: str, seed: int, root: pathlib.Path) -> dict:
   import jax
+
   from configs import demo
   from udi_jax.evaluate import run as evaluation
   from udi_jax.train.loop import train_and_evaluate
@@ -111,8 +111,9 @@ def run(name: str, seed: int, root: pathlib.Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-  lines = ['| recipe | seed | what changes | init cls / cls+ / concat | trained cls / cls+ / concat | gain concat (cls for DINO) '
-           '| final teacher entropy cls / cls+ / patch (ln K = 6.93) | train min |', '|---' * 8 + '|']
+  lines = ['| recipe | seed | what changes | init cls / cls+ / concat | trained cls / cls+ / concat '
+           '| gain concat (cls for DINO) | final teacher entropy cls / cls+ / patch (ln K = 6.93) | train min |',
+           '|---' * 8 + '|']
   for r in results:
     fmt = lambda d: ' / '.join(f'{d[t]:.1f}' for t in ('cls', 'cls_plus', 'concat') if t in d)
     entropy = ' / '.join('-' if v is None else f'{v:.2f}' for v in r['entropy'].values())

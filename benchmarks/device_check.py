@@ -38,13 +38,14 @@ import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / 'benchmarks')]
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from udi_jax.parity import MARKER, find_golden
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 STAGES = ('env', 'parity', 'step', 'loop', 'bf16')
 
@@ -113,26 +114,18 @@ def stage_env(plan: Plan) -> dict:
           'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
-def golden_folder() -> pathlib.Path | None:
-  candidates = [FLAGS.golden_dir, os.environ.get('UDI_GOLDEN_DIR'), REPO / 'shared' / 'golden',
-                REPO.parent / 'shared' / 'golden']
-  found = [pathlib.Path(c) for c in candidates if c and (pathlib.Path(c) / 'udi_golden_small.npz').exists()]
-  return found[0] if found else None
-
-
 def stage_parity(plan: Plan) -> dict:
-  folder = golden_folder()
+  folder = find_golden(MARKER, FLAGS.golden_dir, os.environ.get('UDI_GOLDEN_DIR'), REPO / 'shared' / 'golden',
+                       REPO.parent / 'shared' / 'golden')
   if folder is None:
     return {'skipped': 'no udi_golden_small.npz: give --golden_dir or UDI_GOLDEN_DIR'}
-  os.environ['UDI_GOLDEN_DIR'] = str(folder)
-  from tests import golden
-  from tests.helpers import max_rel, rel
   from udi_jax.interop import official
+  from udi_jax.parity import COMPONENTS, max_rel, one_step, one_step_case, rel
   with jax.default_matmul_precision('highest'):
-    case = golden.one_step_case()
-    out, grads = golden.one_step(case)
+    case = one_step_case(folder)
+    out, grads = one_step(case)
   g = case['g']
-  loss = {name: rel(out.components[ours], g[f'loss/{name}']) for ours, name in golden.COMPONENTS.items()}
+  loss = {name: rel(out.components[ours], g[f'loss/{name}']) for ours, name in COMPONENTS.items()}
   loss['total'] = rel(out.loss, g['loss/total'])
   centres = max_rel(official.centres_to_official(out.centres), g['center_new'])
   ours = official.to_official(grads)
@@ -204,6 +197,7 @@ def loop_config(plan: Plan, root: pathlib.Path, images: int, workers: int, crops
 
 def stage_loop(plan: Plan) -> dict:
   from input_pipeline import device_crop_ms, write_folder
+
   from udi_jax.data.crops import CropSettings, crops_on_device
   from udi_jax.data.sources import open_source
   from udi_jax.train.loop import train_and_evaluate

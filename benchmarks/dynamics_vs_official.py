@@ -10,7 +10,8 @@ every metric in the file side by side, and the largest gap per metric.
 Single steps cannot agree (the data order and crops differ), windows can. Agreement is defined from this
 project's own seed-to-seed spread (SEED_SPREAD, measured with `--seeds=0,1,2`): after step 100, every
 window mean of the first seed must lie within 1.5 times that spread of the official one (schedule values
-to 1e-6 relative). The script exits 1 outside it, naming the metric and window. `--workdir` keeps the runs (default: a temporary folder).
+to 1e-6 relative). The script exits 1 outside it, naming the metric and window. `--workdir` keeps the
+runs (default: a temporary folder).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import tempfile
 import numpy as np
 from absl import app, flags, logging
 
+from udi_jax.parity import find_golden
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+TRAJECTORY = 'official_demo_trajectory.json'
 
 flags.DEFINE_string('seeds', '0', 'Comma-separated seeds; more than one also prints the seeds\' spread.')
 flags.DEFINE_string('workdir', None, 'Where the runs go (default: a temporary folder, removed).')
@@ -101,7 +104,8 @@ def table(official: dict[str, np.ndarray], runs: dict[int, dict[str, np.ndarray]
   """The side-by-side table (markdown) and the failures of the first seed."""
   first = runs[min(runs)]
   starts = list(range(1, STEPS + 1, WINDOW))
-  header = '| metric | ' + ' | '.join(f'{s}-{min(s + WINDOW - 1, STEPS)}' for s in starts) + ' | largest gap after 100 |'
+  windows = ' | '.join(f'{s}-{min(s + WINDOW - 1, STEPS)}' for s in starts)
+  header = f'| metric | {windows} | largest gap after 100 |'
   lines = [header, '|---' * (len(starts) + 2) + '|']
   failures = []
   for name in NAMES:
@@ -126,17 +130,14 @@ def table(official: dict[str, np.ndarray], runs: dict[int, dict[str, np.ndarray]
   return '\n'.join(lines), failures
 
 
-def golden_folder() -> pathlib.Path:
-  for candidate in (FLAGS.golden_dir, os.environ.get('UDI_GOLDEN_DIR'), REPO.parent / 'shared' / 'golden'):
-    if candidate and (pathlib.Path(candidate) / 'official_demo_trajectory.json').is_file():
-      return pathlib.Path(candidate)
-  sys.exit('official_demo_trajectory.json not found: give --golden_dir or set UDI_GOLDEN_DIR.')
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  trajectory = json.loads((golden_folder() / 'official_demo_trajectory.json').read_text())
+  folder = find_golden(TRAJECTORY, FLAGS.golden_dir, os.environ.get('UDI_GOLDEN_DIR'),
+                       REPO.parent / 'shared' / 'golden')
+  if folder is None:
+    sys.exit(f'{TRAJECTORY} not found: give --golden_dir or set UDI_GOLDEN_DIR.')
+  trajectory = json.loads((folder / TRAJECTORY).read_text())
   official = {name: np.asarray(trajectory['steps'][name], np.float64) for name in NAMES}
   seeds = [int(s) for s in FLAGS.seeds.split(',')]
   with tempfile.TemporaryDirectory() as scratch:

@@ -66,6 +66,7 @@ def device_crop_ms(source, crops: CropSettings, batch: int, repeats: int = 5) ->
   """Milliseconds per image of the step's crop stage (cut and resize 2 + n_l crops from canvases) on this
   machine's default JAX device, timed on one real batch after compiling."""
   import jax
+
   from udi_jax.data import device_crops
   pipe = InputPipeline(source, PipelineSettings(seed=0, global_batch=batch, crops=crops, num_threads=1),
                        num_steps=1, process_index=0, process_count=1)

@@ -6,9 +6,10 @@ with 2x2 windows (4 samples) and a 2x2 local grid read at every token. Because t
 steps), the recipe is adapted: batch 64, teacher temperature 0.02 throughout, no frozen last layer (the
 best of the recipes tried: benchmarks/RESULTS.md, "Demo recipes"). After training the run prints a k-NN
 table (raw pixels, the network at initialisation, the pretrained teacher's token 0, token 1 and both; the
-digits evaluated at their own 28 px) and draws attention pictures. In this budget the features stay within a few k-NN points of the initialisation; the
-earlier recipe (T_t 0.04, EMA 0.99) collapsed the `cls` level to a uniform output, as the official code
-does in that regime (docs/results.md, "Dynamics against the official code").
+digits evaluated at their own 28 px) and draws attention pictures. In this budget the features stay
+within a few k-NN points of the initialisation; the earlier recipe (T_t 0.04, EMA 0.99) collapsed the
+`cls` level to a uniform output, as the official code does in that regime (docs/results.md, "Dynamics
+against the official code").
 
   python -m udi_jax.main --config=configs/demo.py
   python -m udi_jax.main --config=configs/demo.py:digits

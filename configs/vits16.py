@@ -44,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.shared_head = True          # one head for cls, cls+ and patch (official)
   config.model.dtype = 'bfloat16'          # compute dtype; params, softmax and losses stay float32
   config.model.remat = False               # recompute each block in the backward pass (saves memory)
-  config.model.attention = 'auto'          # auto (cuDNN flash on GPUs where it applies, else XLA) | xla | cudnn | einsum
+  config.model.attention = 'auto'          # auto (cuDNN flash on GPUs where it applies, else XLA) | xla | cudnn
+                                           # | einsum
 
   config.udi = ml_collections.ConfigDict()
   config.udi.alpha = 0.5                   # weight of the patch part in the cls+ target

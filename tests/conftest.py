@@ -40,7 +40,6 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 import pytest  # noqa: E402
 
-
 # The costliest work units first, so that the two workers finish together (seconds of one unit alone on
 # the 2-core CI machine, cold: ~60, 45, 40 for the three subprocess tests marked slow, each its own unit so
 # that they can run on different workers; then the shared run's tests and the modules, ~90 to 30).

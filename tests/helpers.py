@@ -14,7 +14,6 @@ import pathlib
 import subprocess
 import sys
 import time
-
 from typing import Any, NamedTuple
 
 import jax
@@ -23,23 +22,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from udi_jax.parity import max_rel, rel  # noqa: F401  (the tests import them from here)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = 'tests/tiny_train_config.py'
 
 
-# ---- Error measures.
-
-def rel(a, b) -> float:
-  """‖a − b‖ / ‖b‖ in float64 (0-safe)."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def max_rel(a, b) -> float:
-  """max|a − b| / max|b| in float64: the golden README's measure for tables (centres)."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
+# ---- Error measures (`rel`, `max_rel`: udi_jax.parity).
 
 def worst_rel(tree, ref) -> float:
   """The largest `rel` over the leaves of two pytrees of the same structure."""

@@ -120,7 +120,7 @@ def reference_loss(nets, student, teacher, centre_table, crops_global, crops_loc
   patch_ce = ce(soft(t_patch, centre_table[2]), s_lp)
   comps['g_pch'] = jnp.sum(jnp.where(s_mask > 0, patch_ce, 0.0) * s_mask) / s_mask.sum()
 
-  level = lambda g, l: (2 * g + 2 * n_local * l) / (2 + 2 * n_local)
+  level = lambda glob, loc: (2 * glob + 2 * n_local * loc) / (2 + 2 * n_local)
   levels = [level(comps['g_cl'], comps['l_cl']), comps['g_pch']]
   if two_tokens:
     levels.insert(1, level(comps['g_mcl'], comps['l_mcl']))

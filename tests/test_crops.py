@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from udi_jax.data.crops import (CropSettings, box_relative_to, cut, multi_crop, normalised_box,
-                                random_resized_box, union_reference)
+from udi_jax.data.crops import (
+  CropSettings,
+  box_relative_to,
+  cut,
+  multi_crop,
+  normalised_box,
+  random_resized_box,
+  union_reference,
+)
 
 
 def pixel_extent(box, height, width):
@@ -102,6 +109,7 @@ def test_crops_are_cut_then_resized_as_torchvision_does_in_the_official_code():
   """Bitwise torchvision's `resized_crop` (PIL: crop, then bicubic resize) on MNIST digits; resizing the
   whole image over the box instead, as this project once did, reads pixels beyond the crop's border."""
   import torchvision.transforms.functional as tvf
+
   from udi_jax.data.sources import bundled, decode_image
   digits = bundled('mnist5k')
   rng = np.random.default_rng(0)

@@ -168,7 +168,8 @@ def test_tfds_segmentation_source_reads_scene_parse150_records():
   with tfds.testing.mock_data(num_examples=3):
     source = segmentation.open_segmentation('tfds:scene_parse150', 'validation', num_classes=255)
     record = source[0]
-    image, mask = decode_image(record['image']), segmentation.decode_mask(record['mask'], 255)
+    decode_image(record['image'])
+    mask = segmentation.decode_mask(record['mask'], 255)
     assert len(source) == 3 and source.mask_key == 'annotation' and mask.dtype == np.uint8 and mask.ndim == 2
     with pytest.raises(UnreadableImage, match=r'class ids \[151, .* outside 0..150'):
       segmentation.decode_mask(record['mask'], 151)

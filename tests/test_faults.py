@@ -20,8 +20,16 @@ import pytest
 from absl import logging
 
 from tests import tiny_train_config
-from tests.helpers import (checkpoint_steps, damage, finish, identity_step, metrics_by_step, restore, start,
-                           state_handed_to_the_step)
+from tests.helpers import (
+  checkpoint_steps,
+  damage,
+  finish,
+  identity_step,
+  metrics_by_step,
+  restore,
+  start,
+  state_handed_to_the_step,
+)
 from udi_jax.errors import ConfigError, UserError
 from udi_jax.train import loop, metrics_log
 from udi_jax.train import workdir as workdir_lock

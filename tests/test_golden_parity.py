@@ -15,6 +15,7 @@ from tests.reference_udi import reference_loss
 from udi_jax.interop import official
 from udi_jax.models.vit import resize_pos_embed
 
+
 @pytest.fixture(scope='module')
 def case():
   return golden.one_step_case()

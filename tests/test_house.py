@@ -1,5 +1,6 @@
-"""The shape of the code base: imports go one way (no circles; `train/` imports nothing above it) and
-no function in `udi_jax/` is longer than a screen (60 lines)."""
+"""The shape of the code base: imports go one way (no circles; `train/` imports nothing above it), no
+function in `udi_jax/` is longer than a screen (60 lines), and the benchmarks use the package, never the
+tests."""
 
 import ast
 import pathlib
@@ -14,7 +15,7 @@ LAYERS = (
     ('method', 'data', 'interop'),           # the paper; what enters; PyTorch layouts
     ('evaluate',),                           # what a network learned
     ('train',),                              # how it learns (runs k-NN during training)
-    ('main', 'export', 'benchmark', 'sweep'),   # entry points
+    ('main', 'export', 'benchmark', 'sweep', 'parity'),   # entry points and the parity checks' inputs
 )
 MAX_FUNCTION_LINES = 60
 
@@ -100,3 +101,24 @@ def test_no_function_is_longer_than_a_screen():
         if lines > MAX_FUNCTION_LINES:
           long.append(f'{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)')
   assert not long, long
+
+
+def modules_imported(path: pathlib.Path) -> set[str]:
+  """The top-level names of every module a file imports, at the top or inside functions."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      names.add(node.module.split('.')[0])
+    elif isinstance(node, ast.Import):
+      names |= {a.name.split('.')[0] for a in node.names}
+  return names
+
+
+def test_benchmarks_import_no_test_module_and_patch_no_path():
+  scripts = sorted((REPO / 'benchmarks').glob('*.py'))
+  assert len(scripts) >= 4
+  importing = [p.name for p in scripts if 'tests' in modules_imported(p)]
+  assert not importing, f'benchmarks importing the tests: {importing}'
+  patching = [p.name for p in scripts if 'sys.path' in p.read_text()]
+  assert not patching, f'benchmarks patching sys.path: {patching}'
+  assert 'tests' in modules_imported(REPO / 'tests' / 'test_house.py')      # the detector sees `from tests...`

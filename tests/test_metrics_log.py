@@ -89,7 +89,7 @@ def test_a_health_metric_that_was_not_measured_never_stops_the_run(tmp_path, mon
   lines = metrics_by_step(tmp_path)
   assert lines[2]['logit_spread/patch'] == 3.0 and lines[2]['prototypes_used/patch'] == 3.0
   assert 'logit_spread/patch' not in lines[4] and lines[4]['loss'] == 1.0
-  from udi_jax.method import objective      # the monitor marks a step without a valid point as not measured
+  from udi_jax.method import objective  # the monitor marks a step without a valid point as not measured
   logits, probs, rows = np.ones((6, 4), np.float32), np.full((6, 4), 0.25, np.float32), objective.Rows(3, 0)
   no_point, points = np.zeros(6, np.float32), np.array([1, 0, 1, 0, 0, 0], np.float32)
   assert np.isnan(objective.spread_over_images(logits, no_point, rows))

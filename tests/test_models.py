@@ -49,8 +49,8 @@ def test_other_sizes_build_and_trace_the_objective(arch, width):
   crops_global = jax.ShapeDtypeStruct((2, 2, gs, gs, 3), jnp.float32)
   crops_local = jax.ShapeDtypeStruct((2, n_local, ls, ls, 3), jnp.float32)
   samples = jax.eval_shape(lambda: draw(config, random_batch(config, batch=2)[2], seed=1))
-  loss, out = jax.eval_shape(lambda p, g, l, s: udi_objective(
-      nets, ObjectiveSettings.from_config(config), p, p, init_centres(nets), g, l, s, 0.04),
+  loss, out = jax.eval_shape(lambda p, g, loc, s: udi_objective(
+      nets, ObjectiveSettings.from_config(config), p, p, init_centres(nets), g, loc, s, 0.04),
       shapes, crops_global, crops_local, samples)
   assert loss.shape == () and loss.dtype == jnp.float32
   assert set(out.levels) == {'cls', 'cls_plus', 'patch'}
@@ -138,6 +138,7 @@ def test_layer_norm_equals_flax_two_pass_form():
   """The written-out LayerNorm (faster on XLA's CPU backend) against flax's two-pass LayerNorm: values
   and gradients in float32, and the bfloat16 output."""
   import flax.linen as nn
+
   from udi_jax.models.vit import LN_EPS, layer_norm
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(3.0, 2.0, size=(4, 7, 48)), jnp.float32)

@@ -1,4 +1,5 @@
-"""The host pipeline's contracts (docs/design.md, contracts 1–4): global batches, per-example randomness, resumable state."""
+"""The host pipeline's contracts (docs/design.md, contracts 1–4): global batches, per-example randomness,
+resumable state."""
 
 import dataclasses
 

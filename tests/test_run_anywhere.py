@@ -107,11 +107,11 @@ def test_colab_notebook_runs_end_to_end_on_the_cpu(tmp_path):
 
 
 def test_benchmark_prints_every_figure_on_the_cpu():
-  result = subprocess.run([sys.executable, '-m', 'udi_jax.benchmark', '--config=tests/tiny_train_config.py', '--steps=2',
-                           '--warmup=1', '--per_device_batch=8'], cwd=REPO, env=env(1), capture_output=True,
-                          text=True, timeout=600)
+  result = subprocess.run([sys.executable, '-m', 'udi_jax.benchmark', '--config=tests/tiny_train_config.py',
+                           '--steps=2', '--warmup=1', '--per_device_batch=8'], cwd=REPO, env=env(1),
+                          capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  line = [l for l in result.stdout.splitlines() if 'per-device batch 8' in l]
+  line = [text for text in result.stdout.splitlines() if 'per-device batch 8' in text]
   assert line, result.stdout
   for figure in ('step ', ' ms', 'images/s per device', 'peak memory n/a', 'GFLOP/image (XLA ', 'MFU n/a'):
     assert figure in line[0], (figure, line[0])
@@ -127,6 +127,7 @@ def test_device_check_runs_every_stage_on_the_cpu(tmp_path):
   """benchmarks/device_check.py as a device session runs it, at the tiny size: every stage measures,
   parity passes, and the JSON and the RESULTS.md row agree."""
   import json
+
   from tests import golden
   result = subprocess.run([sys.executable, 'benchmarks/device_check.py', '--config=tests/tiny_train_config.py',
                            f'--out={tmp_path}', f'--golden_dir={golden.golden_dir()}'], cwd=REPO, env=env(1),

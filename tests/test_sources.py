@@ -83,7 +83,8 @@ def test_pipeline_skips_and_counts_bad_files(folder, caplog):
     batches = list(InputPipeline(source, settings, num_steps=6, process_index=0, process_count=1))
   skipped = sum(int(b['skipped'].sum()) for b in batches)
   used = np.concatenate([b['index'] for b in batches])
-  bad = {source.paths.index(str(folder / 'cat' / 'corrupt.jpg')), source.paths.index(str(folder / 'dog' / 'truncated.jpg'))}
+  bad = {source.paths.index(str(folder / 'cat' / 'corrupt.jpg')),
+         source.paths.index(str(folder / 'dog' / 'truncated.jpg'))}
   assert skipped >= 2 and not bad & set(used.tolist())
   warnings = [r.getMessage() for r in caplog.records if 'Skipping unreadable image' in r.getMessage()]
   assert any('corrupt.jpg' in w for w in warnings) and any('truncated.jpg' in w for w in warnings)

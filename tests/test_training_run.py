@@ -20,8 +20,19 @@ import numpy as np
 import pytest
 
 from tests import tiny_train_config
-from tests.helpers import (checkpoint_steps, compare_student, damage, finish, identity_step, init_config,
-                           metrics_by_step, restore, start, state_handed_to_the_step, wait_for_checkpoint)
+from tests.helpers import (
+  checkpoint_steps,
+  compare_student,
+  damage,
+  finish,
+  identity_step,
+  init_config,
+  metrics_by_step,
+  restore,
+  start,
+  state_handed_to_the_step,
+  wait_for_checkpoint,
+)
 from udi_jax.train import loop
 from udi_jax.train.loop import train_and_evaluate
 
@@ -197,8 +208,9 @@ def free_port() -> int:
 
 def two_processes(workdir, overrides: dict, fault=None) -> list:
   port = free_port()
-  return [start(workdir, *[f'--config.{k}={v}' for k, v in overrides.items()], f'--coordinator_address=localhost:{port}',
-                '--num_processes=2', f'--process_id={i}', devices=4, fault=fault) for i in range(2)]
+  flags = [f'--config.{k}={v}' for k, v in overrides.items()] + [f'--coordinator_address=localhost:{port}',
+                                                                  '--num_processes=2']
+  return [start(workdir, *flags, f'--process_id={i}', devices=4, fault=fault) for i in range(2)]
 
 
 def finish_all(processes, timeout=600) -> list[tuple[int, str, str, float]]:

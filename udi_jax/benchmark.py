@@ -96,6 +96,7 @@ def synthetic_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   """A batch of the schema the pipeline gives under `config` (host crops, or canvases when the device cuts
   them), with random pixels and real crop boxes of a 480x360 image."""
   from PIL import Image
+
   from udi_jax.data.crops import CropSettings, multi_crop
   from udi_jax.data.device_crops import canvas_crops, to_canvases
   rng = np.random.default_rng(seed)
@@ -108,9 +109,9 @@ def synthetic_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   else:
     boxes = np.stack([multi_crop(image, np.random.default_rng([seed, i]), dataclasses.replace(
         settings, global_size=8, local_size=8))['boxes'] for i in range(batch)])
-    g, l, n = config.data.global_size, config.data.local_size, config.data.num_local
+    g, loc, n = config.data.global_size, config.data.local_size, config.data.num_local
     pixels = {'global': rng.integers(0, 256, (batch, 2, g, g, 3), dtype=np.uint8),
-              'local': rng.integers(0, 256, (batch, n, l, l, 3), dtype=np.uint8), 'boxes': boxes}
+              'local': rng.integers(0, 256, (batch, n, loc, loc, 3), dtype=np.uint8), 'boxes': boxes}
   return {**pixels, 'boxes': pixels['boxes'].astype(np.float32), 'index': np.arange(batch, dtype=np.int32),
           'label': np.zeros(batch, np.int32), 'skipped': np.zeros(batch, np.int32)}
 

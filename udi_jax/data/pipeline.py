@@ -52,10 +52,10 @@ class PipelineSettings:
 def batch_shapes(config, batch: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """The batch schema (contract 3) of `batch` rows under `config`: {name: (shape, dtype)}, e.g. to lower
   the step from abstract shapes."""
-  g, l, n, c = config.data.global_size, config.data.local_size, config.data.num_local, config.data.canvas_size
+  g, loc, n, c = config.data.global_size, config.data.local_size, config.data.num_local, config.data.canvas_size
   pixels = ({'canvas': ((batch, c, c, 3), np.uint8), 'windows': ((batch, 2 + n, 5), np.float32)}
             if crops_on_device(config) else
-            {'global': ((batch, 2, g, g, 3), np.uint8), 'local': ((batch, n, l, l, 3), np.uint8)})
+            {'global': ((batch, 2, g, g, 3), np.uint8), 'local': ((batch, n, loc, loc, 3), np.uint8)})
   return {**pixels, 'boxes': ((batch, 2 + n, 4), np.float32), 'index': ((batch,), np.int32),
           'label': ((batch,), np.int32), 'skipped': ((batch,), np.int32)}
 

@@ -43,7 +43,6 @@ from udi_jax.evaluate import knn
 from udi_jax.mesh import batch_sharding, data_mesh, replicated
 from udi_jax.models.vit import layer_norm
 
-
 # ---- Scores
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

@@ -124,7 +124,8 @@ def _imported(payload: Any, path: str | pathlib.Path, like: Mapping[str, Any], w
   centres = None
   if isinstance(payload, Mapping) and 'teacher' in payload and 'student' in payload:
     state = {k.removeprefix('module.'): v for k, v in payload[which].items()}
-    table = payload.get('udi_loss', {}).get('centering.center') if isinstance(payload.get('udi_loss'), Mapping) else None
+    loss_state = payload.get('udi_loss')
+    table = loss_state.get('centering.center') if isinstance(loss_state, Mapping) else None
     centres = None if table is None else np.asarray(table)
     layout = 'udi-checkpoint'
   elif isinstance(payload, Mapping) and 'state_dict' in payload and _is_tensor_dict(payload['state_dict']):

@@ -6,8 +6,8 @@ writes a step into a temporary directory and renames it when complete, so a save
 step behind; a step damaged afterwards (a truncated or deleted file) is found by `damage`, which reads
 every stored array's bytes, and skipped: restoring without a step takes the newest one that restores
 and lists the ones it skipped. On several processes, process 0 alone reads the arrays and chooses the
-step; a step that fails to restore on any process stops every process with the same sentence. `restore_run` opens a finished or running run's checkpoint for export,
-evaluation and tests.
+step; a step that fails to restore on any process stops every process with the same sentence.
+`restore_run` opens a finished or running run's checkpoint for export, evaluation and tests.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tensorstore as ts
 from absl import logging
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
-from orbax.checkpoint._src.metadata import array_metadata_store   # the default handler's store
+from orbax.checkpoint._src.metadata import array_metadata_store  # the default handler's store
 
 from udi_jax.errors import UserError
 from udi_jax.mesh import data_mesh
