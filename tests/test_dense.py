@@ -8,6 +8,7 @@ from PIL import Image
 from udi_jax.data import segmentation
 from udi_jax.data.sources import UnreadableImage
 from udi_jax.evaluate import dense, dense_whole, diagnostics
+from udi_jax.evaluate.batches import ProcessRows
 
 flags.FLAGS.mark_as_parsed()
 
@@ -151,7 +152,8 @@ def test_segfolder_refuses_a_wrong_layout_and_skips_bad_files(tmp_path, caplog):
   with caplog.at_level('WARNING'):
     source = segmentation.open_segmentation(f'segfolder:{root}', 'training', num_classes=5)
     assert len(source) == 4 and '1 of 5 images' in caplog.text and 'unlabelled.png' in caplog.text
-    batch = dense.DenseBatch(source, 16, 4, 0, 1)(0)
+    batch = ProcessRows(source, dense.SegmentationRow(16, 5), {'image': np.zeros((16, 16, 3), np.uint8),
+                        'mask': np.full((16, 16), segmentation.IGNORE, np.uint8)}, 4, 0, 1)(0)
   # sorted: corrupt, good, out_of_range, wrong_size
   np.testing.assert_array_equal(batch['valid'], [False, True, False, False])
   assert (batch['mask'][1] == 4).all() and (batch['mask'][3] == segmentation.IGNORE).all()

@@ -18,7 +18,7 @@ Specs (`config.eval.dense_source`; the protocol reads its `training` and `valida
 A record is {'image': encoded bytes or a uint8 array, 'mask': encoded PNG bytes or a uint8 array (H, W),
 'name': str}. An image without its annotation is left out when the folder is listed (one warning saying
 how many); an unreadable image or mask, or a mask with class ids outside the range, is skipped at reading
-time with one warning each and counted (`DenseBatch`).
+time with one warning each and counted (`udi_jax/evaluate/batches.py`).
 """
 
 from __future__ import annotations

@@ -27,20 +27,16 @@ import dataclasses
 import functools
 from typing import Any, Optional
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
-from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from udi_jax.data.photometric import preprocess
 from udi_jax.data.segmentation import IGNORE, read_pair
-from udi_jax.data.sources import UnreadableImage
 from udi_jax.evaluate import knn
-from udi_jax.mesh import batch_sharding, data_mesh, replicated
+from udi_jax.evaluate.batches import DeviceBatches
+from udi_jax.mesh import batch_sharding, replicated
 from udi_jax.models.vit import layer_norm
 
 # ---- Scores
@@ -69,37 +65,16 @@ def scores(confusion: np.ndarray) -> dict[str, Any]:
 FEATURE_DTYPE = np.dtype(jnp.bfloat16)     # the training tokens on the host (ml_dtypes' bfloat16)
 
 
-@dataclasses.dataclass
-class DenseBatch:
-  """Picklable grain map: global batch t -> this process's rows, padded past the end of the source:
-  {'image' uint8 (rows, size, size, 3), 'mask' uint8 (rows, size, size), 'valid' bool}."""
-  source: Any
+@dataclasses.dataclass(frozen=True)
+class SegmentationRow:
+  """Picklable reader of one record: {'image', 'mask'}, the training crop and its class map."""
   size: int
-  batch_size: int
-  process_index: int
-  process_count: int
+  num_classes: int
   reduce_zero_label: bool = False
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    rows = self.batch_size // self.process_count
-    first = int(step) * self.batch_size + self.process_index * rows
-    images = np.zeros((rows, self.size, self.size, 3), np.uint8)
-    masks = np.full((rows, self.size, self.size), IGNORE, np.uint8)
-    valid = np.zeros(rows, bool)
-    for r, index in enumerate(range(first, min(first + rows, len(self.source)))):
-      try:
-        images[r], masks[r] = read_pair(self.source[index], self.size, self.source.num_classes,
-                                        self.reduce_zero_label)
-      except UnreadableImage as e:
-        warn_unreadable(self.source, index, e)
-        continue
-      valid[r] = True
-    return {'image': images, 'mask': masks, 'valid': valid}
-
-
-def warn_unreadable(source, index: int, error: Exception) -> None:
-  name = source.paths[index] if hasattr(source, 'paths') else f'record {index}'
-  logging.warning('Skipping unreadable segmentation example %d (%s): %s', index, name, error)
+  def __call__(self, record: dict) -> dict[str, np.ndarray]:
+    image, mask = read_pair(record, self.size, self.num_classes, self.reduce_zero_label)
+    return {'image': image, 'mask': mask}
 
 
 def _patch_features(nets, backbone_params, images: jax.Array, blocks: int) -> jax.Array:
@@ -116,33 +91,22 @@ def compiled_patch_features(nets, blocks: int, mesh):
   return jax.jit(lambda p, x: _patch_features(nets, p, x, blocks), out_shardings=batch_sharding(mesh))
 
 
-class PatchFeatures:
+class PatchFeatures(DeviceBatches):
   """The patch tokens of global batches of `size` x `size` images: every process gives its rows of a
-  batch, every process gets the tokens of the whole batch. `batch_size` is global, rounded up to a
-  multiple of the device count."""
+  batch, every process gets the tokens of the whole batch."""
 
   def __init__(self, nets, backbone_params, size: int, batch_size: int, blocks: int = 1):
     patch = nets.backbone.patch_size
     if size % patch:
       raise ValueError(f'config.eval.dense_size={size} is not a multiple of the patch size {patch}.')
-    mesh = data_mesh()
+    super().__init__(batch_size)
     self.size, self.patch = size, patch
-    self.batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-    self.rows = self.batch_size // jax.process_count()
-    self._sharding = batch_sharding(mesh)
-    self._fn = compiled_patch_features(nets, blocks, mesh)
-    self._params = jax.device_put(backbone_params, replicated(mesh))
-
-  def gather(self, x) -> np.ndarray:
-    """This process's rows of a global batch -> the whole batch (on every process)."""
-    if jax.process_count() == 1:
-      return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    self._fn = compiled_patch_features(nets, blocks, self.mesh)
+    self._params = jax.device_put(backbone_params, replicated(self.mesh))
 
   def __call__(self, local_images: np.ndarray) -> np.ndarray:
     """(rows, size, size, 3) uint8 of this process -> (batch_size, tokens, D) float32 of all processes."""
-    return self.gather(self._fn(self._params, jax.make_array_from_process_local_data(self._sharding,
-                                                                                      local_images)))
+    return self.gather(self._fn(self._params, self.put(local_images)))
 
 
 def extract(nets, backbone_params, source, size: int, batch_size: int, blocks: int = 1,
@@ -151,15 +115,11 @@ def extract(nets, backbone_params, source, size: int, batch_size: int, blocks: i
   """(features (N, h*w, D*blocks) bfloat16, masks (N, size, size) uint8, skipped examples) of the training
   crops of every readable example of `source`, written into arrays allocated once."""
   features = PatchFeatures(nets, backbone_params, size, batch_size, blocks)
-  maker = DenseBatch(source, size, features.batch_size, jax.process_index(), jax.process_count(),
-                     reduce_zero_label)
-  steps = -(-len(source) // features.batch_size)
-  batches = grain.MapDataset.range(steps).map(maker).to_iter_dataset(
-      grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
+  read = SegmentationRow(size, source.num_classes, reduce_zero_label)
+  padding = {'image': np.zeros((size, size, 3), np.uint8), 'mask': np.full((size, size), IGNORE, np.uint8)}
   feats = masks = None
   kept = 0
-  for step, batch in enumerate(tqdm(batches, total=steps, desc=desc, disable=jax.process_index() != 0,
-                                    leave=False)):
+  for step, batch in enumerate(features.read(source, read, padding, desc)):
     tokens = features(batch['image'])
     rows = np.flatnonzero(features.gather(batch['valid'])[:len(source) - step * features.batch_size])
     if feats is None:

@@ -25,12 +25,14 @@ from typing import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from PIL import Image
 from tqdm import tqdm
 
 from udi_jax.data.segmentation import read_whole
 from udi_jax.data.sources import UnreadableImage
-from udi_jax.evaluate.dense import PatchFeatures, confusion_matrix, warn_unreadable
+from udi_jax.evaluate.batches import record_name
+from udi_jax.evaluate.dense import PatchFeatures, confusion_matrix
 
 TokenScores = Callable[[np.ndarray], np.ndarray]     # (n, T, D) tokens -> (n, T, C) class scores
 SHAPE_BUCKET = 64        # output sides rounded up to a multiple of this (fewer compiled shapes)
@@ -85,7 +87,7 @@ def _windows(source, size: int, patch: int, num_classes: int, reduce_zero_label:
     try:
       image, mask = read_whole(source[index], num_classes, reduce_zero_label)
     except UnreadableImage as e:
-      warn_unreadable(source, index, e)
+      logging.warning('Skipping unreadable example %d (%s): %s', index, record_name(source, index), e)
       skipped.append(index)
       continue
     yield cut_windows(image, mask, size, patch)

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from PIL import Image
-from tqdm import tqdm
 
 from udi_jax.data.photometric import preprocess
-from udi_jax.data.sources import Source, UnreadableImage, decode_image
-from udi_jax.mesh import batch_sharding, data_mesh, replicated
+from udi_jax.data.sources import Source, decode_image
+from udi_jax.evaluate.batches import DeviceBatches
+from udi_jax.mesh import batch_sharding, replicated
 from udi_jax.models.networks import CLS_PLUS, TOKEN_LEVELS
 from udi_jax.models.vit import layer_norm
 
@@ -53,39 +50,15 @@ def center_crop(image: Image.Image, crop: int, resize_ratio: float = OFFICIAL_RE
   return np.asarray(resized.crop((left, top, left + crop, top + crop)), np.uint8)
 
 
-@dataclasses.dataclass
-class EvalBatch:
-  """Picklable grain map: global batch t -> this process's rows of it, padded past the end of the source:
-  {'image' uint8 (rows, crop, crop, 3), 'label' int32, 'valid' bool (False: padding or unreadable)}."""
-  source: Any
+@dataclasses.dataclass(frozen=True)
+class ClassificationRow:
+  """Picklable reader of one record: {'image': the evaluation crop, 'label'}."""
   crop: int
   resize_ratio: float
-  batch_size: int       # global
-  process_index: int
-  process_count: int
 
-  def __call__(self, step: int) -> dict[str, np.ndarray]:
-    rows = self.batch_size // self.process_count
-    first = int(step) * self.batch_size + self.process_index * rows
-    images = np.zeros((rows, self.crop, self.crop, 3), np.uint8)
-    labels, valid = np.full(rows, -1, np.int32), np.zeros(rows, bool)
-    for r, index in enumerate(range(first, min(first + rows, len(self.source)))):
-      record = self.source[index]
-      try:
-        images[r] = center_crop(decode_image(record['image']), self.crop, self.resize_ratio)
-      except UnreadableImage:
-        continue
-      labels[r], valid[r] = record.get('label', -1), True
-    return {'image': images, 'label': labels, 'valid': valid}
-
-
-def eval_batches(source: Source, crop: int, batch_size: int, resize_ratio: float = OFFICIAL_RESIZE_RATIO,
-                 num_threads: int = 4) -> Iterable[dict]:
-  """This process's rows of every global batch over the whole source, in order."""
-  steps = -(-len(source) // batch_size)
-  maker = EvalBatch(source, crop, resize_ratio, batch_size, jax.process_index(), jax.process_count())
-  dataset = grain.MapDataset.range(steps).map(maker)
-  return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
+  def __call__(self, record: dict) -> dict[str, np.ndarray]:
+    return {'image': center_crop(decode_image(record['image']), self.crop, self.resize_ratio),
+            'label': np.int32(record.get('label', -1))}
 
 
 def _features(nets, backbone_params, images: jax.Array, kinds: tuple[str, ...]) -> dict[str, jax.Array]:
@@ -120,23 +93,16 @@ def extract(nets, backbone_params, source: Source, crop: int, kinds: tuple[str, 
       raise ValueError(f'Unknown feature {kind!r}; choose from {KINDS}.')
   if set(kinds) & set(TWO_TOKEN_KINDS) and nets.backbone.num_cls_tokens < 2:
     raise ValueError(f'{" and ".join(TWO_TOKEN_KINDS)} features need a model with 2 class tokens.')
-  mesh = data_mesh()
-  devices = mesh.devices.size
-  batch_size = -(-batch_size // devices) * devices
-  sharding = batch_sharding(mesh)
-  fn = compiled_features(nets, tuple(kinds), mesh)
-  params = jax.device_put(backbone_params, replicated(mesh))
-  processes = jax.process_count()
-  gather = ((lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))) if processes > 1
-            else np.asarray)
+  devices = DeviceBatches(batch_size)
+  fn = compiled_features(nets, tuple(kinds), devices.mesh)
+  params = jax.device_put(backbone_params, replicated(devices.mesh))
+  padding = {'image': np.zeros((crop, crop, 3), np.uint8), 'label': np.int32(-1)}
   collected, labels, valid = {k: [] for k in kinds}, [], []
-  steps = -(-len(source) // batch_size)
-  for batch in tqdm(eval_batches(source, crop, batch_size, resize_ratio), total=steps, desc=desc,
-                    disable=jax.process_index() != 0, leave=False):
-    images = jax.make_array_from_process_local_data(sharding, batch['image'])
-    for kind, value in fn(params, images).items():
-      collected[kind].append(gather(value))
-    labels.append(gather(batch['label']) if processes > 1 else batch['label'])
-    valid.append(gather(batch['valid']) if processes > 1 else batch['valid'])
-  keep = np.concatenate(valid)
-  return ({k: np.concatenate(v)[keep] for k, v in collected.items()}, np.concatenate(labels)[keep])
+  for batch in devices.read(source, ClassificationRow(crop, resize_ratio), padding, desc):
+    for kind, value in fn(params, devices.put(batch['image'])).items():
+      collected[kind].append(devices.gather(value))
+    labels.append(devices.gather(batch['label']))
+    valid.append(devices.gather(batch['valid']))
+  keep = np.concatenate(valid)[:len(source)]
+  return ({k: np.concatenate(v)[:len(source)][keep] for k, v in collected.items()},
+          np.concatenate(labels)[:len(source)][keep])
