@@ -85,8 +85,9 @@ def test_linear_probe_tells_features_that_carry_the_label_from_shuffled_ones():
   feats = np.eye(classes)[token_classes.reshape(n, -1)] + 0.3 * rng.normal(size=(n, grid * grid, classes))
   feats = np.concatenate([feats, rng.normal(size=(n, grid * grid, 4))], -1).astype(np.float32)
   settings = dense.DenseProbeSettings(epochs=15, batch_size=8, lr=3e-2)
-  good = dense.train_linear(feats[:32], masks[:32], feats[32:], masks[32:], classes, settings)
-  shuffled = dense.train_linear(feats[:32], masks[:32][::-1], feats[32:], masks[32:][::-1], classes, settings)
+  good = dense.segmentation_probe_on_crops(feats[:32], masks[:32], feats[32:], masks[32:], classes, settings)
+  shuffled = dense.segmentation_probe_on_crops(feats[:32], masks[:32][::-1], feats[32:], masks[32:][::-1], classes,
+                                               settings)
   print(f'mIoU with the label in the features {good["miou"]:.1f}, shuffled {shuffled["miou"]:.1f}')
   assert good['miou'] > 85 and good['pixel_accuracy'] > 92
   assert shuffled['miou'] < 30 and shuffled['pixel_accuracy'] < 40

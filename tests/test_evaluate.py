@@ -74,7 +74,7 @@ def test_linear_probe_agrees_with_scikit_learn(digit_features):
   train_x, test_x = (train_f['linear'] - mean) / std, (test_f['linear'] - mean) / std
   reference = LogisticRegression(C=1.0, max_iter=10000).fit(train_x, train_y)
   theirs = 100.0 * np.mean(reference.predict(test_x) == test_y)
-  ours = linear.train_linear(train_x, train_y, test_x, test_y, 10, linear.ProbeSettings(
+  ours = linear.train_classification_probe(train_x, train_y, test_x, test_y, 10, linear.ProbeSettings(
       epochs=100, batch_size=256, lr=1.0, weight_decay=1.0 / len(train_x)))
   print(f'linear probe top-1 on digits: JAX {ours["top1"]:.1f} %, scikit-learn {theirs:.1f} %')
   assert abs(ours['top1'] - theirs) <= 1.5
@@ -108,7 +108,7 @@ def test_lowshot_subsets_and_classifier(digit_pixels):
   normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
   x, y = normalise(train_x[idx]), train_y[idx]
   only_lambda_1 = linear.logistic_regression(x, y, normalise(test_x), test_y, lambdas=(1.0,))
-  probe = linear.train_linear(x, y, normalise(test_x), test_y, 10, linear.ProbeSettings(
+  probe = linear.train_classification_probe(x, y, normalise(test_x), test_y, 10, linear.ProbeSettings(
       epochs=300, batch_size=len(idx), lr=50.0, weight_decay=1.0 / len(idx)))
   print(f'low-shot 10 % (lambda = 1/n): scikit-learn {only_lambda_1["top1"]:.1f} %, JAX probe {probe["top1"]:.1f} %')
   assert only_lambda_1['top1'] > 50.0                       # a real optimum, far from chance

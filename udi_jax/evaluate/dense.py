@@ -185,10 +185,10 @@ class LinearProbe:
     return np.asarray(_token_logits(self.params, self.mean, self.std, jnp.asarray(x)))
 
 
-def fit_linear(train_x: np.ndarray, train_masks: np.ndarray, num_classes: int,
-               settings: DenseProbeSettings = DenseProbeSettings()) -> LinearProbe:
-  """Trains the probe on (N, h*w, D) token features (any float dtype, kept on the host: each step sends
-  its batch) and (N, S, S) masks."""
+def fit_segmentation_probe(train_x: np.ndarray, train_masks: np.ndarray, num_classes: int,
+                           settings: DenseProbeSettings = DenseProbeSettings()) -> LinearProbe:
+  """Trains the linear segmentation probe by AdamW on (N, h*w, D) token features (any float dtype, kept on
+  the host: each step sends its batch) and (N, S, S) masks."""
   n, tokens, dim = train_x.shape
   grid, size = int(round(np.sqrt(tokens))), train_masks.shape[-1]
   mean, std = channel_statistics(train_x)
@@ -218,11 +218,12 @@ def fit_linear(train_x: np.ndarray, train_masks: np.ndarray, num_classes: int,
   return LinearProbe(params, mean, std, None if loss is None else float(loss))
 
 
-def train_linear(train_x: np.ndarray, train_masks: np.ndarray, test_x: np.ndarray, test_masks: np.ndarray,
-                 num_classes: int, settings: DenseProbeSettings = DenseProbeSettings()) -> dict[str, Any]:
+def segmentation_probe_on_crops(train_x: np.ndarray, train_masks: np.ndarray, test_x: np.ndarray,
+                                test_masks: np.ndarray, num_classes: int,
+                                settings: DenseProbeSettings = DenseProbeSettings()) -> dict[str, Any]:
   """Trains the probe and scores it on test crops of the training crops' grid (the logits upsampled to
   the crop): the protocol on equal crops, without the whole-image evaluation."""
-  probe = fit_linear(train_x, train_masks, num_classes, settings)
+  probe = fit_segmentation_probe(train_x, train_masks, num_classes, settings)
   grid, size = int(round(np.sqrt(train_x.shape[1]))), train_masks.shape[-1]
   predict = jax.jit(lambda p, x: jnp.argmax(upsampled_logits(p, (x - probe.mean) / probe.std, grid, size),
                                             -1).astype(jnp.int32))

@@ -39,10 +39,6 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
   return float(cross / max(np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y), 1e-300))
 
 
-def entropy(p: jax.Array) -> jax.Array:
-  return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, 1e-30)), 0.0), axis=-1)
-
-
 @functools.lru_cache(maxsize=4)
 def _compiled_teacher_sums(nets, settings: objective.ObjectiveSettings, sampling_settings):
   def sums(params, centres, images, temperature, seed):
@@ -58,7 +54,7 @@ def _compiled_teacher_sums(nets, settings: objective.ObjectiveSettings, sampling
     out = {}
     for level, probs in targets.probs.items():
       probs = probs.reshape(-1, probs.shape[-1])      # points of the patch level are its rows
-      out[level] = (probs.sum(0), entropy(probs).sum(), probs.shape[0])
+      out[level] = (probs.sum(0), objective.entropy(probs).sum(), probs.shape[0])
     return out
   return jax.jit(sums)
 

@@ -38,9 +38,11 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arra
   return (jnp.mean(top5[:, 0] == labels) * 100.0, jnp.mean(jnp.any(top5 == labels[:, None], -1)) * 100.0)
 
 
-def train_linear(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 num_classes: int, settings: ProbeSettings = ProbeSettings()) -> dict:
-  """Trains the probe; returns {'top1', 'top5' (final), 'best_top1', 'best_epoch', 'curve'}."""
+def train_classification_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                               test_y: np.ndarray, num_classes: int, settings: ProbeSettings = ProbeSettings()
+                               ) -> dict:
+  """Trains the linear classifier on image features by SGD (the official probe); returns {'top1', 'top5'
+  (final), 'best_top1', 'best_epoch', 'curve'}."""
   n, dim = train_x.shape
   batch = min(settings.batch_size, n)
   steps_per_epoch = n // batch

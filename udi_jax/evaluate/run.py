@@ -141,7 +141,7 @@ def dense_results(config, nets: Networks, backbone_params, protocols=DENSE_PROTO
   if 'dense_linear' in protocols:
     settings = dense.DenseProbeSettings(epochs=ev.dense_linear_epochs, batch_size=ev.dense_linear_batch_size,
                                         lr=ev.dense_linear_lr, seed=config.seed)
-    probe = dense.fit_linear(train_x, train_m, classes, settings)
+    probe = dense.fit_segmentation_probe(train_x, train_m, classes, settings)
     scorers['dense_linear'] = probe.token_scores
     about['dense_linear'] = {'final_train_loss': probe.final_train_loss, 'epochs': settings.epochs}
   if 'dense_knn' in protocols:
@@ -234,8 +234,8 @@ def evaluate(config, nets: Networks, params: dict, workdir: pathlib.Path, name: 
     if 'linear' in protocols:
       settings = linear.ProbeSettings(epochs=config.eval.linear_epochs, batch_size=config.eval.linear_batch_size,
                                       lr=config.eval.linear_lr, seed=config.seed)
-      results['linear'] = linear.train_linear(train_x['linear'], train_y, test_x['linear'], test_y, classes,
-                                              settings)
+      results['linear'] = linear.train_classification_probe(train_x['linear'], train_y, test_x['linear'], test_y,
+                                                            classes, settings)
     if 'lowshot' in protocols:
       split_dir = config.eval.lowshot_split_dir
       split_files = ({f: str(pathlib.Path(split_dir) / f'{f * 100:g}percent.txt')

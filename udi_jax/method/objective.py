@@ -111,6 +111,7 @@ def cross_entropy(target: jax.Array, log_probs: jax.Array) -> jax.Array:
 
 
 def entropy(probs: jax.Array) -> jax.Array:
+  """−Σ p log p over the last axis (a zero probability adds 0)."""
   return -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
 
 

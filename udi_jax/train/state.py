@@ -35,18 +35,19 @@ def init_state(nets: Networks, tx: optax.GradientTransformation, rng: jax.Array)
                     opt=tx.init(student), centres=init_centres(nets))
 
 
-def replicated(mesh: Mesh, tree) -> Any:
+def replicated_tree(mesh: Mesh, tree) -> Any:
+  """A sharding for every leaf of `tree`: each replicated on every device."""
   return jax.tree.map(lambda _: meshes.replicated(mesh), tree)
 
 
 def create_state(nets: Networks, tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh) -> TrainState:
   """Shapes first, then every array created where it lives (never gathered on one device)."""
   abstract = jax.eval_shape(lambda r: init_state(nets, tx, r), rng)
-  return jax.jit(lambda r: init_state(nets, tx, r), out_shardings=replicated(mesh, abstract))(rng)
+  return jax.jit(lambda r: init_state(nets, tx, r), out_shardings=replicated_tree(mesh, abstract))(rng)
 
 
 def abstract_state(nets: Networks, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
   """ShapeDtypeStructs with shardings: the target of a checkpoint restore."""
   abstract = jax.eval_shape(lambda r: init_state(nets, tx, r), jax.random.key(0))
-  shardings = replicated(mesh, abstract)
+  shardings = replicated_tree(mesh, abstract)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
