@@ -10,7 +10,7 @@ from tests.helpers import REPO
 PACKAGE = REPO / 'udi_jax'
 # Each layer imports only from the layers before it (and from within its own package).
 LAYERS = (
-    ('errors', 'mesh', 'rng'),               # leaves
+    ('errors', 'mesh', 'rng', 'say'),        # leaves
     ('models',),                             # what the networks are
     ('method', 'data', 'interop'),           # the paper; what enters; PyTorch layouts
     ('evaluate',),                           # what a network learned

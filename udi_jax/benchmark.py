@@ -29,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from udi_jax.mesh import batch_sharding, data_mesh
+from udi_jax.say import say
 
 # Dense bf16 peak TFLOP/s per device, by `device_kind`.
 PEAK_BF16_TFLOPS = {
@@ -194,13 +195,13 @@ def main(argv):
   peak = FLAGS.peak_tflops or peak_tflops(device)
   sizes = ([int(s) for s in FLAGS.sweep.split(',') if s] if FLAGS.sweep
            else [FLAGS.per_device_batch or max(1, config.batch_size // jax.device_count())])
-  print(f'JAX {jax.__version__}, {jax.device_count()} x {device.device_kind}, peak '
-        f'{"n/a" if peak is None else f"{peak:.0f} TFLOP/s"} bf16, compute dtype {config.model.dtype}', flush=True)
+  say(f'JAX {jax.__version__}, {jax.device_count()} x {device.device_kind}, peak '
+        f'{"n/a" if peak is None else f"{peak:.0f} TFLOP/s"} bf16, compute dtype {config.model.dtype}')
   for size in sizes:
     try:
-      print(report(measure(config, size, FLAGS.steps, FLAGS.warmup, peak), device), flush=True)
+      say(report(measure(config, size, FLAGS.steps, FLAGS.warmup, peak), device))
     except Exception as e:   # e.g. out of memory at the largest sweep size
-      print(f'per-device batch {size}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})', flush=True)
+      say(f'per-device batch {size}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})')
 
 
 if __name__ == '__main__':

@@ -25,6 +25,7 @@ from absl import app, flags, logging
 
 from udi_jax.errors import UserError
 from udi_jax.interop import layouts, torch_files
+from udi_jax.say import say
 from udi_jax.train.checkpoint import restore_run
 
 FLAGS = flags.FLAGS
@@ -62,7 +63,7 @@ def main(argv):
   if not FLAGS['verbosity'].present:   # orbax's INFO chatter off; the result is printed
     logging.set_verbosity(logging.WARNING)
   try:
-    print(export(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step, FLAGS.img_size, FLAGS.which))
+    say(export(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step, FLAGS.img_size, FLAGS.which))
   except (UserError, ValueError, FileNotFoundError, RuntimeError) as e:
     print(f'Export failed: {e}', file=sys.stderr)
     sys.exit(2)

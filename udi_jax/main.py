@@ -10,17 +10,20 @@ pods and under SLURM; elsewhere give `--coordinator_address=host:port --num_proc
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import pathlib
-import re
 import sys
 from typing import Optional
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from udi_jax.errors import UserError, config_errors
+from udi_jax.say import say
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file, e.g. configs/vits16.py or configs/demo.py:digits.',
@@ -40,23 +43,42 @@ def default_workdir(config_path: str) -> str:
   return str(pathlib.Path('runs') / (pathlib.Path(path).stem + (f'_{arg}' if arg else '')))
 
 
+def config_fields(config_arg: str) -> list[str]:
+  """The dotted names of every field of the config that `--config=FILE[:ARG]` names ([] if it cannot be
+  loaded)."""
+  path, _, arg = config_arg.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('config_file', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:   # pylint: disable=broad-except  (the suggestion is optional; the refusal stands)
+    return []
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from walk(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}'
+  return list(walk(config, ''))
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing; an override of a field the config does not have is refused in one sentence
-  (exit 2) instead of ml_collections' traceback."""
+  (exit 2), with the nearest field the config does have, instead of ml_collections' traceback."""
   try:
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
-    names = re.findall(r"'(\w+)'", str(e))
-    overrides = [a[2:].split('=')[0] for a in argv if a.startswith('--config.')]
-    named = [o for o in overrides if names and names[0] in o.split('.')] or overrides
-    config_file = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), 'the config file')
-    field = named[0] if named else 'an override'
-    suggestion = re.search(r'Did you mean \W*"(\w+)" instead of \W*"(\w+)"', str(e))   # ml_collections'
-    hint = ''
-    if suggestion and suggestion[2] in field.split('.'):
-      hint = ' (did you mean ' + '.'.join(suggestion[1] if p == suggestion[2] else p for p in field.split('.')) + '?)'
-    print(f'Config error: {field} is not a field of {config_file}{hint}; an override can only set a field '
-          'the config file defines.', file=sys.stderr)
+  except (AttributeError, KeyError):
+    config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), '')
+    fields = config_fields(config_arg)
+    overrides = [a[2:].split('=')[0][len('config.'):] for a in argv if a.startswith('--config.')]
+    unknown = [o for o in overrides if o not in fields] or overrides
+    field = unknown[0] if unknown else 'an override'
+    near = difflib.get_close_matches(field, fields, n=1, cutoff=0.6)
+    hint = f' (did you mean config.{near[0]}?)' if near else ''
+    print(f'Config error: config.{field} is not a field of {config_arg.split(":")[0] or "the config file"}{hint}; '
+          'an override can only set a field the config file defines.', file=sys.stderr)
     sys.exit(2)
 
 
@@ -125,8 +147,8 @@ def evaluate_checkpoint(config, workdir: pathlib.Path) -> dict:
                                 tuple(config.eval.protocols), centres=restored.state.centres)
   if jax.process_index() == 0:
     summary = {k: results[k] for k in ('knn', 'linear', 'lowshot', 'dense', 'diagnostics') if k in results}
-    print(json.dumps(summary, indent=1, default=float)[:4000])
-    print(f'Results: {workdir / "eval" / (name + ".json")}', flush=True)
+    say(json.dumps(summary, indent=1, default=float)[:4000])
+    say(f'Results: {workdir / "eval" / (name + ".json")}')
   return results
 
 

@@ -28,6 +28,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from udi_jax.say import say
+
 FLAGS = flags.FLAGS
 # The columns of the table, where every point has them (the dense ones with config.eval.dense_source).
 METRICS = {'knn_top1': 'k-NN top-1 %', 'linear_top1': 'linear top-1 %', 'dense_linear_miou': 'dense linear mIoU %',
@@ -205,13 +207,13 @@ def sweep(config, grid: str, directory: str | pathlib.Path, only: str = '') -> s
   for i, point in enumerate(points):
     name = point_name(point)
     done = (directory / 'points' / name / 'result.json').exists()
-    print(f'[{i + 1}/{len(points)}] {name}' + (' (done, skipped)' if done else ''), flush=True)
+    say(f'[{i + 1}/{len(points)}] {name}' + (' (done, skipped)' if done else ''))
     results.append(run_point(config, point, directory / 'points' / name))
   if only or jax.process_index() != 0:      # one job of many: the run without --only tabulates
     return ''
   table = summarise(results, directory)
-  print(table, flush=True)
-  print(f'Sweep results: {directory / "table.md"}, {directory / "table.csv"}, {directory / "plot.png"}')
+  say(table)
+  say(f'Sweep results: {directory / "table.md"}, {directory / "table.csv"}, {directory / "plot.png"}')
   return table
 
 

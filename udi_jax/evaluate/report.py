@@ -16,6 +16,7 @@ import jax
 from udi_jax.evaluate import run as evaluation
 from udi_jax.interop import layouts, torch_files
 from udi_jax.models.networks import Networks
+from udi_jax.say import say
 
 EXPORT_NAME = 'teacher_timm.safetensors'
 
@@ -39,11 +40,11 @@ def final_report(config, nets: Networks, state, workdir: str | pathlib.Path) -> 
   out = workdir / 'export' / EXPORT_NAME
   teacher = jax.device_get(state.teacher)
   torch_files.save(layouts.payload('timm', nets, None, teacher, None), out)
-  print('\n' + table + '\n\n' + dense + '\n', flush=True)
-  print(layouts.how_to_load('timm', nets, out, None, 'teacher', int(jax.device_get(state.step))), flush=True)
-  print(f'Everything is in {workdir}:\n  k-NN table   {workdir / "eval" / "knn_table.md"} (and .json)\n'
+  say('\n' + table + '\n\n' + dense + '\n')
+  say(layouts.how_to_load('timm', nets, out, None, 'teacher', int(jax.device_get(state.step))))
+  say(f'Everything is in {workdir}:\n  k-NN table   {workdir / "eval" / "knn_table.md"} (and .json)\n'
         f'  dense table  {workdir / "eval" / "dense_table.md"} (and .json)\n'
         f'  pictures     ' + '\n               '.join(str(p) for p in pictures) +
         f'\n  PyTorch      {out} (timm layout)'
         f'\n  checkpoints  {workdir / "checkpoints"}\n  metrics      {workdir / "metrics.jsonl"} '
-        f'(TensorBoard: tensorboard --logdir {workdir})', flush=True)
+        f'(TensorBoard: tensorboard --logdir {workdir})')

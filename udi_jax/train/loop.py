@@ -27,6 +27,7 @@ from udi_jax.data.sources import Source, training_source
 from udi_jax.errors import config_errors
 from udi_jax.evaluate import run as evaluation
 from udi_jax.mesh import batch_sharding, data_mesh
+from udi_jax.say import say
 from udi_jax.train.checkpoint import Checkpoints, checkpoint_dir
 from udi_jax.train.metrics_log import MetricsLog
 from udi_jax.train.state import TrainState, abstract_state, create_state
@@ -145,9 +146,9 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
     if primary:
       filled = ('the student from its "student" entry, the teacher from its "teacher" entry'
                 if teacher.layout == 'udi-checkpoint' else 'the student and the teacher from its one network')
-      print(f'Initialised {sorted(teacher.params)} of {filled}: {init_from} ({teacher.layout} layout'
+      say(f'Initialised {sorted(teacher.params)} of {filled}: {init_from} ({teacher.layout} layout'
             f'{", centres too" if teacher.centres is not None else ""}); unused keys: '
-            f'{teacher.unused_keys[:10] or "none"}.', flush=True)
+            f'{teacher.unused_keys[:10] or "none"}.')
     return TrainState(step=state.step, student={**state.student, **parts['student']},
                       teacher={**state.teacher, **parts['teacher']}, opt=state.opt, centres=centres)
   directory = checkpoint_dir(init_from)
@@ -159,7 +160,7 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
   for bad, why in skipped:
     logging.warning('Skipped the checkpoint of step %d in %s: %s.', bad, directory, why)
   if primary:
-    print(f'Initialised the student, teacher and centres from {directory} (step {step}).', flush=True)
+    say(f'Initialised the student, teacher and centres from {directory} (step {step}).')
   return TrainState(step=state.step, student=other.student, teacher=other.teacher, opt=state.opt,
                     centres=other.centres)
 
@@ -175,9 +176,9 @@ def _initial_state(trainer: Trainer, run: RunSettings, checkpoints: Checkpoints,
     for bad, why in skipped:
       moved = checkpoints.set_aside(bad, directory.parent / 'damaged_checkpoints')
       if jax.process_index() == 0:
-        print(f'Skipped the checkpoint of step {bad}: {why}; moved it to {moved}.', flush=True)
+        say(f'Skipped the checkpoint of step {bad}: {why}; moved it to {moved}.')
     if jax.process_index() == 0:
-      print(f'Resuming from the checkpoint of step {step} in {directory}.', flush=True)
+      say(f'Resuming from the checkpoint of step {step} in {directory}.')
     return state, data_state
   state = create_state(trainer.nets, trainer.tx, jax.random.key(seed), mesh)
   if run.init_from:
@@ -190,8 +191,7 @@ def _knn_now(config, nets, state: TrainState, step: int, log: MetricsLog):
   log.write(step, {**{f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()}, **diagnosed})
   if log.primary:
     k = evaluation.reported_k(config)
-    print(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}' for t, r in results.items()),
-          flush=True)
+    say(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}' for t, r in results.items()))
 
 
 def _settings(config) -> tuple[RunSettings, PipelineSettings, Source, Trainer]:
@@ -240,9 +240,9 @@ def _train(config, workdir: pathlib.Path, run: RunSettings, pipe_settings: Pipel
   if start >= end:
     checkpoints.close()
     if jax.process_index() == 0:
-      print(f'The run in {workdir} is complete (step {start} of {total_steps}'
+      say(f'The run in {workdir} is complete (step {start} of {total_steps}'
             f'{f", config.max_steps={run.max_steps}" if end < total_steps else ""}); nothing to train. Evaluate '
-            'it with --mode=eval, or train longer with a larger --config.epochs.', flush=True)
+            'it with --mode=eval, or train longer with a larger --config.epochs.')
     return TrainResult(state=state, trainer=trainer, completed=start >= total_steps, trained_steps=0)
   pipeline = InputPipeline(source, pipe_settings, num_steps=total_steps, start_step=start,
                            sharding=batch_sharding(mesh) if run.parallel == 'shard_map' else None)
@@ -252,8 +252,8 @@ def _train(config, workdir: pathlib.Path, run: RunSettings, pipe_settings: Pipel
   log = MetricsLog(workdir, total_steps, steps_per_epoch, run.batch_size, start, run.log_every_steps,
                    config.model.out_dim)
   if log.primary:
-    print(f'Training {total_steps} steps ({config.epochs} epochs x {steps_per_epoch}) from step {start}'
-          f'{f" to step {end} (config.max_steps)" if end < total_steps else ""}; workdir {workdir}', flush=True)
+    say(f'Training {total_steps} steps ({config.epochs} epochs x {steps_per_epoch}) from step {start}'
+          f'{f" to step {end} (config.max_steps)" if end < total_steps else ""}; workdir {workdir}')
 
   # ---- Loop: metrics stay on the device until a log step; saves only after their steps were checked.
   with Preemption() as preemption:

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from udi_jax.models.networks import LEVELS
+from udi_jax.say import say
 
 COUNTS = ('skipped_images',)      # summed over the steps of a log line; the other metrics are averaged
 # The collapse monitor and other health metrics: they describe the run and never stop it. A non-finite
@@ -139,9 +140,8 @@ class MetricsLog:
       if any(lines) or any(events):
         unreadable = (f'; {lines.damaged} unreadable lines and {events.damaged} unreadable TensorBoard records '
                       '(cut short) also dropped' if lines.damaged or events.damaged else '')
-        print(f'Dropped what an interrupted run had logged after step {start} ({lines.after} lines of '
-              f'metrics.jsonl, {events.after} TensorBoard values): those steps are trained again{unreadable}.',
-              flush=True)
+        say(f'Dropped what an interrupted run had logged after step {start} ({lines.after} lines of '
+              f'metrics.jsonl, {events.after} TensorBoard values): those steps are trained again{unreadable}.')
     self.writer = self.progress = None
     try:
       metric_writers, periodic_actions = clu_writers()
@@ -196,8 +196,8 @@ class MetricsLog:
       line['images_per_s'] = self.batch_size / seconds_per_step
     self.write(step, line)
     if self.primary:
-      print(progress_line(step, self.total_steps, self.steps_per_epoch, line, seconds_per_step,
-                          self.batch_size), flush=True)
+      say(progress_line(step, self.total_steps, self.steps_per_epoch, line, seconds_per_step,
+                          self.batch_size))
       self.warn_of_collapse(fetched)
     self.start_clock(step)
 
