@@ -23,7 +23,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from udi_jax.data.pipeline import InputPipeline, PipelineSettings, settings_from_config
-from udi_jax.data.sources import Source, training_source
+from udi_jax.data.sources import Source, check_spec, training_source
 from udi_jax.errors import config_errors
 from udi_jax.evaluate import run as evaluation
 from udi_jax.mesh import batch_sharding, data_mesh
@@ -47,7 +47,8 @@ class RunSettings:
   keep_checkpoints: int
   keep_every_epochs: int
   knn_every_epochs: int
-  init_from: str
+  init_run: str              # another run's workdir or checkpoint directory to start from, or ''
+  init_torch_file: str       # a PyTorch file to start from (config.init_from='torch:PATH'), or ''
   max_steps: int
 
   @classmethod
@@ -65,27 +66,46 @@ class RunSettings:
                        'keep_checkpoints >= 1.')
     if config.max_steps < 0:
       raise ValueError(f'config.max_steps={config.max_steps} must be 0 (the whole schedule) or positive.')
-    torch_file = config.init_from[len('torch:'):] if config.init_from.startswith('torch:') else None
-    if torch_file is not None and not pathlib.Path(torch_file).is_file():
+    is_torch = config.init_from.startswith('torch:')
+    torch_file = config.init_from[len('torch:'):] if is_torch else ''
+    if is_torch and not pathlib.Path(torch_file).is_file():
       raise ValueError(f'config.init_from={config.init_from}: no such file; give torch:PATH to a .pth or '
                        '.safetensors file.')
-    if config.init_from and torch_file is None and not checkpoint_dir(config.init_from).is_dir():
+    if config.init_from and not is_torch and not checkpoint_dir(config.init_from).is_dir():
       raise ValueError(f'config.init_from={config.init_from} is neither a workdir nor a checkpoint directory; '
                        'give a run to start from, or torch:PATH for a PyTorch file.')
     return cls(batch_size=config.batch_size, parallel=config.parallel, log_every_steps=config.log_every_steps,
                checkpoint_every_steps=config.checkpoint_every_steps, keep_checkpoints=config.keep_checkpoints,
                keep_every_epochs=config.keep_every_epochs, knn_every_epochs=config.eval.knn_every_epochs,
-               init_from=config.init_from, max_steps=config.max_steps)
+               init_run='' if is_torch else config.init_from, init_torch_file=torch_file,
+               max_steps=config.max_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """Every settings object of a run, built once from its config."""
+  run: RunSettings
+  pipeline: PipelineSettings
+  trainer: Trainer
+
+
+def plan_run(config, num_devices: int, num_processes: int, steps_per_epoch: int = 1) -> RunPlan:
+  """Builds every settings object of a run; each refuses its own bad values (ConfigError, one sentence),
+  so an impossible config is refused before anything runs. `steps_per_epoch` sets the trainer's
+  schedules (1 when only the config is checked)."""
+  with config_errors():
+    return RunPlan(run=RunSettings.from_config(config, num_devices, num_processes),
+                   pipeline=settings_from_config(config), trainer=_checked_trainer(config, steps_per_epoch))
+
+
+def _checked_trainer(config, steps_per_epoch: int) -> Trainer:
+  evaluation.check_config(config)
+  return Trainer.from_config(config, steps_per_epoch=steps_per_epoch)
 
 
 def check_config(config, num_devices: int, num_processes: int = 1) -> None:
-  """Refuses an impossible training config before anything runs (ConfigError, one sentence): builds
-  every settings object of a run, each of which refuses its own bad values."""
-  with config_errors():
-    RunSettings.from_config(config, num_devices, num_processes)
-    settings_from_config(config)
-    evaluation.check_config(config)
-    Trainer.from_config(config, steps_per_epoch=1)
+  """Refuses an impossible training config before anything runs (ConfigError, one sentence)."""
+  plan_run(config, num_devices, num_processes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,15 +145,15 @@ class Preemption:
     return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
-def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> TrainState:
+def _load_init(state: TrainState, run: RunSettings, abstract: TrainState) -> TrainState:
   """Student, teacher and centres of another run's newest checkpoint (a workdir or checkpoint directory),
-  or of a PyTorch file (`torch:PATH`: official UDI, DINO, timm); fresh optimiser and step."""
+  or of a PyTorch file (official UDI, DINO, timm); fresh optimiser and step."""
   primary = jax.process_index() == 0
-  if init_from.startswith('torch:'):
+  if run.init_torch_file:
     from udi_jax.interop.official import centres_from_official
     from udi_jax.interop.torch_files import load_student_and_teacher
     with config_errors():
-      imported = load_student_and_teacher(init_from[len('torch:'):], abstract.student)
+      imported = load_student_and_teacher(run.init_torch_file, abstract.student)
     place = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(np.asarray(x, np.float32), a.sharding),
                                             tree, like)
     # Each network gets its own buffers, even when both come from one entry (the step donates both).
@@ -146,12 +166,12 @@ def _load_init(state: TrainState, init_from: str, abstract: TrainState) -> Train
     if primary:
       filled = ('the student from its "student" entry, the teacher from its "teacher" entry'
                 if teacher.layout == 'udi-checkpoint' else 'the student and the teacher from its one network')
-      say(f'Initialised {sorted(teacher.params)} of {filled}: {init_from} ({teacher.layout} layout'
+      say(f'Initialised {sorted(teacher.params)} of {filled}: {run.init_torch_file} ({teacher.layout} layout'
             f'{", centres too" if teacher.centres is not None else ""}); unused keys: '
             f'{teacher.unused_keys[:10] or "none"}.')
     return TrainState(step=state.step, student={**state.student, **parts['student']},
                       teacher={**state.teacher, **parts['teacher']}, opt=state.opt, centres=centres)
-  directory = checkpoint_dir(init_from)
+  directory = checkpoint_dir(run.init_run)
   source = Checkpoints(directory, asynchronous=False)
   try:
     other, _, step, skipped = source.restore(abstract)
@@ -181,8 +201,8 @@ def _initial_state(trainer: Trainer, run: RunSettings, checkpoints: Checkpoints,
       say(f'Resuming from the checkpoint of step {step} in {directory}.')
     return state, data_state
   state = create_state(trainer.nets, trainer.tx, jax.random.key(seed), mesh)
-  if run.init_from:
-    state = _load_init(state, run.init_from, abstract)
+  if run.init_run or run.init_torch_file:
+    state = _load_init(state, run, abstract)
   return state, None
 
 
@@ -194,68 +214,76 @@ def _knn_now(config, nets, state: TrainState, step: int, log: MetricsLog):
     say(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}' for t, r in results.items()))
 
 
-def _settings(config) -> tuple[RunSettings, PipelineSettings, Source, Trainer]:
-  """Every settings object of the run, built once (each refuses its own bad values: ConfigError, before
-  anything runs), and the training images."""
+def _prepare(config) -> tuple[RunPlan, Source]:
+  """The run's settings, built once (refused before anything runs: ConfigError), and its training images;
+  the evaluation sources and an `init_from` file are checked now rather than when they are needed."""
   with config_errors():
-    run = RunSettings.from_config(config, jax.device_count(), jax.process_count())
-    pipe_settings = settings_from_config(config)
-    evaluation.check_config(config)
-    if config.eval.report or run.knn_every_epochs:     # found now, not at the end of training
-      evaluation.probe_sources(config)
+    check_spec(config.data.source, 'config.data.source')
     source = training_source(config)
-    if len(source) < run.batch_size:
+  plan = plan_run(config, jax.device_count(), jax.process_count(),
+                  steps_per_epoch=max(len(source) // max(config.batch_size, 1), 1))
+  with config_errors():
+    if len(source) < plan.run.batch_size:
       raise ValueError(f'config.data.source={config.data.source} has {len(source)} examples, fewer than '
-                       f'config.batch_size={run.batch_size}; use a smaller batch.')
-    trainer = Trainer.from_config(config, steps_per_epoch=len(source) // run.batch_size)
-    if run.init_from.startswith('torch:'):      # readable? (loaded again when the state is made)
+                       f'config.batch_size={plan.run.batch_size}; use a smaller batch.')
+    if config.eval.report or plan.run.knn_every_epochs:     # found now, not at the end of training
+      evaluation.probe_sources(config)
+    if plan.run.init_torch_file:      # readable? (loaded again when the state is made)
       from udi_jax.interop.torch_files import read_file
-      read_file(run.init_from[len('torch:'):])
-  return run, pipe_settings, source, trainer
+      read_file(plan.run.init_torch_file)
+  return plan, source
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path) -> TrainResult:
   """Trains until config.epochs (or a SIGTERM), holding the workdir. Raises ConfigError for an impossible
   config and UserError for a workdir that cannot be used (another run holds it, not writable) before
   anything runs, FloatingPointError at a non-finite metric."""
-  run, pipe_settings, source, trainer = _settings(config)
+  plan, source = _prepare(config)
   with held_workdir(workdir) as workdir:
-    return _train(config, workdir, run, pipe_settings, source, trainer)
+    return _train(config, workdir, plan, source)
 
 
-def _train(config, workdir: pathlib.Path, run: RunSettings, pipe_settings: PipelineSettings, source: Source,
-           trainer: Trainer) -> TrainResult:
-  mesh = data_mesh()
-  steps_per_epoch, total_steps = trainer.schedules.steps_per_epoch, trainer.schedules.total_steps
+def _train(config, workdir: pathlib.Path, plan: RunPlan, source: Source) -> TrainResult:
+  """Resumes or starts the state, then trains from its step to the end (or `max_steps`, or a SIGTERM)."""
+  run, trainer, mesh = plan.run, plan.trainer, data_mesh()
+  schedules = trainer.schedules
   config_dict = json.loads(config.to_json_best_effort())
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(json.dumps(config_dict, indent=2))
-
-  # ---- State: resume, or create (optionally from another run); the input from the same step.
-  keep_period = run.keep_every_epochs * steps_per_epoch if run.keep_every_epochs else None
+  keep_period = run.keep_every_epochs * schedules.steps_per_epoch if run.keep_every_epochs else None
   checkpoints = Checkpoints(workdir / 'checkpoints', keep=run.keep_checkpoints, keep_period=keep_period)
   state, data_state = _initial_state(trainer, run, checkpoints, config.seed, mesh)
   start = int(jax.device_get(state.step))
-  end = min(total_steps, run.max_steps) if run.max_steps else total_steps
+  end = min(schedules.total_steps, run.max_steps) if run.max_steps else schedules.total_steps
   if start >= end:
     checkpoints.close()
-    if jax.process_index() == 0:
-      say(f'The run in {workdir} is complete (step {start} of {total_steps}'
-            f'{f", config.max_steps={run.max_steps}" if end < total_steps else ""}); nothing to train. Evaluate '
-            'it with --mode=eval, or train longer with a larger --config.epochs.')
-    return TrainResult(state=state, trainer=trainer, completed=start >= total_steps, trained_steps=0)
-  pipeline = InputPipeline(source, pipe_settings, num_steps=total_steps, start_step=start,
+    say(f'The run in {workdir} is complete (step {start} of {schedules.total_steps}'
+        f'{f", config.max_steps={run.max_steps}" if end < schedules.total_steps else ""}); nothing to train. '
+        'Evaluate it with --mode=eval, or train longer with a larger --config.epochs.')
+    return TrainResult(state=state, trainer=trainer, completed=start >= schedules.total_steps, trained_steps=0)
+  pipeline = InputPipeline(source, plan.pipeline, num_steps=schedules.total_steps, start_step=start,
                            sharding=batch_sharding(mesh) if run.parallel == 'shard_map' else None)
   if data_state is not None:
     pipeline.set_state(data_state)
-  train_step = make_train_step(trainer, mesh, run.parallel)
-  log = MetricsLog(workdir, total_steps, steps_per_epoch, run.batch_size, start, run.log_every_steps,
-                   config.model.out_dim)
-  if log.primary:
-    say(f'Training {total_steps} steps ({config.epochs} epochs x {steps_per_epoch}) from step {start}'
-          f'{f" to step {end} (config.max_steps)" if end < total_steps else ""}; workdir {workdir}')
+  log = MetricsLog(workdir, schedules.total_steps, schedules.steps_per_epoch, run.batch_size, start,
+                   run.log_every_steps, config.model.out_dim)
+  say(f'Training {schedules.total_steps} steps ({config.epochs} epochs x {schedules.steps_per_epoch}) from step '
+      f'{start}{f" to step {end} (config.max_steps)" if end < schedules.total_steps else ""}; workdir {workdir}')
+  state, step = _run_steps(config, plan, make_train_step(trainer, mesh, run.parallel), state, pipeline, log,
+                           checkpoints, config_dict, start, end)
+  checkpoints.wait()
+  checkpoints.close()
+  pipeline.close()
+  log.close()
+  return TrainResult(state=state, trainer=trainer, completed=step == schedules.total_steps,
+                     trained_steps=step - start)
 
-  # ---- Loop: metrics stay on the device until a log step; saves only after their steps were checked.
+
+def _run_steps(config, plan: RunPlan, train_step, state: TrainState, pipeline: InputPipeline, log: MetricsLog,
+               checkpoints: Checkpoints, config_dict: dict, start: int, end: int) -> tuple[TrainState, int]:
+  """The loop: metrics stay on the device until a log step; a checkpoint is saved only after its steps
+  were checked; k-NN at the chosen epochs; a SIGTERM saves and stops at a step boundary."""
+  run, steps_per_epoch = plan.run, plan.trainer.schedules.steps_per_epoch
   with Preemption() as preemption:
     step = start
     while step < end:
@@ -276,9 +304,5 @@ def _train(config, workdir: pathlib.Path, run: RunSettings, pipe_settings: Pipel
         logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
         break
       if end_of_epoch and run.knn_every_epochs and (step // steps_per_epoch) % run.knn_every_epochs == 0:
-        _knn_now(config, trainer.nets, state, step, log)
-  checkpoints.wait()
-  checkpoints.close()
-  pipeline.close()
-  log.close()
-  return TrainResult(state=state, trainer=trainer, completed=step == total_steps, trained_steps=step - start)
+        _knn_now(config, plan.trainer.nets, state, step, log)
+  return state, step
