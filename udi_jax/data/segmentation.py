@@ -244,7 +244,7 @@ def probe_segmentation(spec: str, data_dir: Optional[str] = None, num_classes: i
     if kind == 'segfolder':
       segment_folder(rest, split, num_classes)
     elif kind == 'tfds':
-      builder = prepared_builder(rest, _tfds_split(rest, split), data_dir)
+      builder = prepared_builder(rest, _tfds_split(rest, split), data_dir, 'config.eval.dense_source')
       _mask_key(rest, builder.info.features)
       _need_classes(spec, num_classes)
 

@@ -175,17 +175,16 @@ def _tfds_quiet():
     logging.set_verbosity(verbosity)
 
 
-def prepared_builder(name: str, split: str, data_dir: str | None):
+def prepared_builder(name: str, split: str, data_dir: str | None, field: str = 'config.data.source'):
   """The tfds builder of a prepared dataset that has `split`, or ValueError saying in one sentence what
-  is missing (nothing is read)."""
+  is missing (nothing is read); `field` is the config field that named the dataset."""
   import tensorflow_datasets as tfds
   where = data_dir or 'the default tfds data dir (~/tensorflow_datasets)'
   with _tfds_quiet():
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:
-      raise ValueError(f'tfds does not know the dataset {name!r}; check config.data.source '
-                       f'(tfds:NAME[:SPLIT]).') from e
+      raise ValueError(f'tfds does not know the dataset {name!r}; check {field} (tfds:NAME[:SPLIT]).') from e
     build = f'`tfds build {name} --file_format=array_record{" --data_dir=" + data_dir if data_dir else ""}`'
     if not builder.is_prepared():
       raise ValueError(f'The tfds dataset {name!r} is not prepared in {where}; prepare it with {build}, '
@@ -274,7 +273,7 @@ def probe_source(spec: str, data_dir: str | None = None, field: str = 'config.da
     _split_fixed(0, rest or 'train', kind)
   elif kind == 'tfds':
     name, _, split = rest.partition(':')
-    prepared_builder(name, split or 'train', data_dir)
+    prepared_builder(name, split or 'train', data_dir, field)
   else:
     path, sep, split = rest.rpartition(':')
     root = pathlib.Path(path, split) if sep and pathlib.Path(path, split).is_dir() else pathlib.Path(rest)
