@@ -245,6 +245,9 @@ def probe_segmentation(spec: str, data_dir: Optional[str] = None, num_classes: i
       segment_folder(rest, split, num_classes)
     elif kind == 'tfds':
       builder = prepared_builder(rest, _tfds_split(rest, split), data_dir, 'config.eval.dense_source')
+      if builder.info.file_format.value != 'array_record':
+        raise ValueError(f'The tfds dataset {rest!r} is stored as {builder.info.file_format.value}; convert it '
+                         f'with `tfds build {rest} --file_format=array_record` to evaluate on it.')
       _mask_key(rest, builder.info.features)
       _need_classes(spec, num_classes)
 
