@@ -152,6 +152,27 @@ def test_bad_files_give_one_clear_sentence(tiny_run, tmp_path):
     torch_files.load_torch_checkpoint(tmp_path / 'wrong.safetensors', like)
 
 
+def test_model_folder_loads_offline_in_timm_and_equals_the_teacher(tiny_run, tmp_path):
+  """`--format=hf`: config.json and model.safetensors as timm's save_for_hf writes them; timm rebuilds
+  the model from the folder alone (local-dir, no network) and its tokens equal the JAX teacher's."""
+  config, workdir = tiny_run
+  state, _ = restore(workdir, config)
+  nets = build_networks(config)
+  message = export.export(workdir, 'hf', tmp_path / 'udi_tiny')
+  assert sorted(p.name for p in (tmp_path / 'udi_tiny').iterdir()) == ['config.json', 'model.safetensors']
+  assert f"timm.create_model('local-dir:{tmp_path / 'udi_tiny'}', pretrained=True)" in message
+  model = timm.create_model(f'local-dir:{tmp_path / "udi_tiny"}', pretrained=True).eval()
+  assert tuple(model.pretrained_cfg['mean']) == (0.485, 0.456, 0.406) and model.pretrained_cfg['tag'] == 'udi_jax'
+  size = config.data.global_size
+  images = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+  with torch.no_grad():
+    theirs = model.forward_features(torch.from_numpy(np.asarray(preprocess(images))).permute(0, 3, 1, 2)).numpy()
+  ours = jax_tokens(nets, jax.tree.map(np.asarray, state.teacher['backbone']), images)
+  assert rel(theirs, ours) <= 1e-5, rel(theirs, ours)
+  with pytest.raises(ValueError, match='must be a directory for the hf format'):
+    export.export(workdir, 'hf', tmp_path / 'model.safetensors')
+
+
 def test_init_from_a_pytorch_file(tiny_run, tmp_path, monkeypatch, capsys):
   """An official UDI training checkpoint written by the export: the student from its student entry, the
   teacher from its teacher entry (as the official code resumes), the centres too; step 0. A file with one

@@ -82,6 +82,14 @@ def from_backbone_state(state: Mapping[str, np.ndarray], like: Mapping[str, Any]
   return official.from_official(prefixed, {'backbone': like})['backbone']
 
 
+def timm_model_args(nets, img_size: Optional[int] = None) -> dict:
+  """The keyword arguments of timm's VisionTransformer that match the backbone (token 1 as a register)."""
+  b = nets.backbone
+  return dict(img_size=img_size or b.img_size, patch_size=b.patch_size, embed_dim=b.embed_dim, depth=b.depth,
+              num_heads=b.num_heads, class_token=True, reg_tokens=1 if b.num_cls_tokens == 2 else 0,
+              no_embed_class=False, num_classes=0, global_pool='token')
+
+
 def timm_constructor(num_cls_tokens: int, embed_dim: int, depth: int, num_heads: int, patch_size: int,
                      img_size: int) -> str:
   """The line that builds the matching timm model."""

@@ -57,6 +57,21 @@ def save(payload: Any, path: str | pathlib.Path):
     save_pth(payload, path)
 
 
+def save_timm_folder(state: Mapping[str, np.ndarray], model_args: dict, directory: str | pathlib.Path,
+                     data_config: dict) -> None:
+  """A Hugging Face-style model folder as timm's `save_for_hf` writes it (`config.json`,
+  `model.safetensors`): timm's ViT is built with `model_args`, loads `state` strictly, and saves itself,
+  so that `timm.create_model('local-dir:DIR', pretrained=True)` rebuilds it offline. The architecture name
+  is timm's `vit_small_patch16_224`, whose arguments `model_args` replace (any size)."""
+  torch = _torch()
+  import timm
+  from timm.models import save_for_hf
+  model = timm.create_model('vit_small_patch16_224', pretrained=False, **model_args)
+  model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}, strict=True)
+  save_for_hf(model, str(directory), model_args=model_args, safe_serialization=True, data_config=data_config,
+              model_config={'pretrained_cfg': {'tag': 'udi_jax', 'license': None}})
+
+
 def read_file(path: str | pathlib.Path) -> dict[str, Any]:
   """A .safetensors or .pth file -> nested dicts of NumPy arrays; a clear error for anything else."""
   path = pathlib.Path(path)
