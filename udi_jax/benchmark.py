@@ -196,7 +196,7 @@ def main(argv):
   sizes = ([int(s) for s in FLAGS.sweep.split(',') if s] if FLAGS.sweep
            else [FLAGS.per_device_batch or max(1, config.batch_size // jax.device_count())])
   say(f'JAX {jax.__version__}, {jax.device_count()} x {device.device_kind}, peak '
-        f'{"n/a" if peak is None else f"{peak:.0f} TFLOP/s"} bf16, compute dtype {config.model.dtype}')
+      f'{"n/a" if peak is None else f"{peak:.0f} TFLOP/s"} bf16, compute dtype {config.model.dtype}')
   for size in sizes:
     try:
       say(report(measure(config, size, FLAGS.steps, FLAGS.warmup, peak), device))

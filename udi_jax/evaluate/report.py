@@ -43,8 +43,8 @@ def final_report(config, nets: Networks, state, workdir: str | pathlib.Path) -> 
   say('\n' + table + '\n\n' + dense + '\n')
   say(layouts.how_to_load('timm', nets, out, None, 'teacher', int(jax.device_get(state.step))))
   say(f'Everything is in {workdir}:\n  k-NN table   {workdir / "eval" / "knn_table.md"} (and .json)\n'
-        f'  dense table  {workdir / "eval" / "dense_table.md"} (and .json)\n'
-        f'  pictures     ' + '\n               '.join(str(p) for p in pictures) +
-        f'\n  PyTorch      {out} (timm layout)'
-        f'\n  checkpoints  {workdir / "checkpoints"}\n  metrics      {workdir / "metrics.jsonl"} '
-        f'(TensorBoard: tensorboard --logdir {workdir})')
+      f'  dense table  {workdir / "eval" / "dense_table.md"} (and .json)\n'
+      f'  pictures     ' + '\n               '.join(str(p) for p in pictures) +
+      f'\n  PyTorch      {out} (timm layout)'
+      f'\n  checkpoints  {workdir / "checkpoints"}\n  metrics      {workdir / "metrics.jsonl"} '
+      f'(TensorBoard: tensorboard --logdir {workdir})')

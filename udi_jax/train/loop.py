@@ -167,8 +167,8 @@ def _load_init(state: TrainState, run: RunSettings, abstract: TrainState) -> Tra
       filled = ('the student from its "student" entry, the teacher from its "teacher" entry'
                 if teacher.layout == 'udi-checkpoint' else 'the student and the teacher from its one network')
       say(f'Initialised {sorted(teacher.params)} of {filled}: {run.init_torch_file} ({teacher.layout} layout'
-            f'{", centres too" if teacher.centres is not None else ""}); unused keys: '
-            f'{teacher.unused_keys[:10] or "none"}.')
+          f'{", centres too" if teacher.centres is not None else ""}); unused keys: '
+          f'{teacher.unused_keys[:10] or "none"}.')
     return TrainState(step=state.step, student={**state.student, **parts['student']},
                       teacher={**state.teacher, **parts['teacher']}, opt=state.opt, centres=centres)
   directory = checkpoint_dir(run.init_run)

@@ -141,7 +141,7 @@ class MetricsLog:
         unreadable = (f'; {lines.damaged} unreadable lines and {events.damaged} unreadable TensorBoard records '
                       '(cut short) also dropped' if lines.damaged or events.damaged else '')
         say(f'Dropped what an interrupted run had logged after step {start} ({lines.after} lines of '
-              f'metrics.jsonl, {events.after} TensorBoard values): those steps are trained again{unreadable}.')
+            f'metrics.jsonl, {events.after} TensorBoard values): those steps are trained again{unreadable}.')
     self.writer = self.progress = None
     try:
       metric_writers, periodic_actions = clu_writers()
@@ -197,7 +197,7 @@ class MetricsLog:
     self.write(step, line)
     if self.primary:
       say(progress_line(step, self.total_steps, self.steps_per_epoch, line, seconds_per_step,
-                          self.batch_size))
+                        self.batch_size))
       self.warn_of_collapse(fetched)
     self.start_clock(step)
 
