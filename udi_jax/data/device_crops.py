@@ -95,8 +95,7 @@ def cut(canvas: jax.Array, windows: jax.Array, out_size: int) -> jax.Array:
   pixels = canvas.astype(jnp.float32)
   wide = _round_pixels(jnp.einsum('hwc,vow->vhoc', pixels, cols, precision=PRECISION))
   out = _round_pixels(jnp.einsum('vph,vhoc->vpoc', rows, wide, precision=PRECISION)).astype(jnp.uint8)
-  # The flip mirrors the finished crop, as the official transforms do. (Mirroring the weights instead gives
-  # the same sums in other rows of the products, which a matmul kernel may round differently: off by one.)
+  # The flip mirrors the finished crop, as the official transforms do (resize, then flip).
   return jnp.where(windows[:, 4, None, None, None] > 0.5, out[:, :, ::-1], out)
 
 
