@@ -83,6 +83,7 @@ def run(name: str, seed: int, root: pathlib.Path) -> dict:
 
   from configs import demo
   from udi_jax.evaluate import run as evaluation
+  from udi_jax.evaluate.protocols import knn as knn_protocol
   from udi_jax.train.loop import train_and_evaluate
   directory = root / f'{name}_seed{seed}'
   result_path = directory / 'result.json'
@@ -94,12 +95,10 @@ def run(name: str, seed: int, root: pathlib.Path) -> dict:
   trained = train_and_evaluate(config, directory)
   minutes = (time.time() - started) / 60
   nets = trained.trainer.nets
-  train, test = evaluation.eval_sources(config)
-  tokens = evaluation.token_kinds(config, nets)
   init = jax.device_get(jax.jit(nets.init)(jax.random.key(config.seed)))
-  k = evaluation.reported_k(config)
-  top1 = lambda params: {t: r[f'top1@{k}'] for t, r in evaluation.knn_results(
-      nets, params['backbone'], train, test, config, tokens).items()}
+  k = knn_protocol.reported_k(config)
+  top1 = lambda params: {t: r[f'top1@{k}'] for t, r in evaluation.results(
+      evaluation.context(config, nets, params), ('knn',))['knn'].items()}
   last = {}
   for line in (directory / 'metrics.jsonl').read_text().splitlines():
     last.update(json.loads(line))

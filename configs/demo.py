@@ -65,9 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.tokens = ('cls', 'cls_plus', 'concat')
   config.eval.resize_ratio = 1.0           # the 28-px digits at their own size (256/224 blurs them)
   config.eval.report = True                # k-NN table and pictures after training
-  config.eval.dense_source = 'segdigits'   # the bundled synthetic segmentation set: digits on backgrounds
-  config.eval.dense_size = 56              # 8x8 tokens
-  config.eval.dense_linear_epochs = 10
-  config.eval.dense_linear_lr = 0.05
-  config.eval.diagnostics_examples = 500
+  config.eval.dense.source = 'segdigits'   # the bundled synthetic segmentation set: digits on backgrounds
+  config.eval.dense.size = 56              # 8x8 tokens
+  config.eval.dense_linear.epochs = 10
+  config.eval.dense_linear.lr = 0.05
+  config.eval.diagnostics.examples = 500
   return config

@@ -97,36 +97,42 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.test_source = 'tfds:imagenet2012:validation'
   config.eval.network = 'teacher'          # or 'student'
   config.eval.tokens = ('cls',)            # k-NN features: cls (official), cls_plus, concat, avgpool
-  config.eval.knn_ks = (10, 20, 100, 200)
   config.eval.knn_every_epochs = 0         # > 0: k-NN during training every N epochs
   config.eval.batch_size = 256             # global, feature extraction
   config.eval.resize_ratio = 256 / 224     # shorter side to crop x this, then the centre crop (official)
   config.eval.max_train_examples = 0       # > 0: the first N only (quicker k-NN during training)
   config.eval.max_test_examples = 0
-  config.eval.protocols = ('knn', 'linear', 'lowshot')     # --mode=eval
+  config.eval.protocols = ('knn', 'linear', 'lowshot')     # --mode=eval; the names of udi_jax/evaluate/protocols/
   config.eval.checkpoint = ''              # --mode=eval: '' newest of --workdir, a step, or a path
-  config.eval.linear_epochs = 100
-  config.eval.linear_lr = 0.02             # per 256 examples
-  config.eval.linear_batch_size = 256
-  config.eval.lowshot_fractions = (0.01, 0.1)
-  config.eval.lowshot_split_dir = ''       # SimCLRv2 1percent.txt / 10percent.txt (ImageFolder sources)
   config.eval.report = False               # after training: k-NN table vs raw pixels and init, pictures
-  # Dense protocols ('dense_linear', 'dense_knn' in protocols) and diagnostics ('diagnostics').
-  config.eval.dense_source = ''            # segdigits[:SEED] | segfolder:ROOT | tfds:scene_parse150
-  config.eval.dense_num_classes = 0        # segfolder / tfds: classes scored; ADE20K: 150 (with the next line)
-  # Class id 0 = 'other', ignored, the others shifted down (mmseg's reduce_zero_label); None: yes for ADE20K
-  # (tfds:scene_parse150, segfolder:.../ADEChallengeData2016), no otherwise.
-  config.eval.dense_reduce_zero_label = ml_collections.config_dict.placeholder(bool)
-  config.eval.dense_size = 0               # evaluation crop side (a multiple of the patch); 0 = data.global_size
-  config.eval.dense_blocks = 1             # patch tokens of the last block, or 4: the last four concatenated
-  config.eval.dense_max_train_examples = 0  # > 0: the first N only (the training features are held in memory)
-  config.eval.dense_max_test_examples = 0
-  config.eval.dense_linear_epochs = 20
-  config.eval.dense_linear_lr = 1e-2       # AdamW, cosine
-  config.eval.dense_linear_batch_size = 16  # images per step
-  config.eval.dense_knn_k = 20
-  config.eval.dense_knn_bank = 200_000     # training patches kept in the k-NN bank (a seeded subsample)
-  config.eval.diagnostics_examples = 2048  # test images for RankMe, CKA and the teacher's levels (0: all)
+  # One section per protocol (docs/evaluation.md); `dense` is shared by dense_linear and dense_knn.
+  config.eval.knn = ml_collections.ConfigDict({'ks': (10, 20, 100, 200)})
+  config.eval.linear = ml_collections.ConfigDict({
+      'epochs': 100,
+      'lr': 0.02,                          # per 256 examples
+      'batch_size': 256})
+  config.eval.lowshot = ml_collections.ConfigDict({
+      'fractions': (0.01, 0.1),
+      'split_dir': ''})                    # SimCLRv2 1percent.txt / 10percent.txt (ImageFolder sources)
+  config.eval.dense = ml_collections.ConfigDict({
+      'source': '',                        # segdigits[:SEED] | segfolder:ROOT | tfds:scene_parse150
+      'num_classes': 0,                    # segfolder / tfds: classes scored; ADE20K: 150 (with the next line)
+      # Class id 0 = 'other', ignored, the others shifted down (mmseg's reduce_zero_label); None: yes for
+      # ADE20K (tfds:scene_parse150, segfolder:.../ADEChallengeData2016), no otherwise.
+      'reduce_zero_label': ml_collections.config_dict.placeholder(bool),
+      'size': 0,                           # evaluation crop side (a multiple of the patch); 0 = data.global_size
+      'blocks': 1,                         # patch tokens of the last block, or 4: the last four concatenated
+      'max_train_examples': 0,             # > 0: the first N only (the training features are held in memory)
+      'max_test_examples': 0})
+  config.eval.dense_linear = ml_collections.ConfigDict({
+      'epochs': 20,
+      'lr': 1e-2,                          # AdamW, cosine
+      'batch_size': 16})                   # images per step
+  config.eval.dense_knn = ml_collections.ConfigDict({
+      'k': 20,
+      'bank': 200_000})                    # training patches kept in the k-NN bank (a seeded subsample)
+  config.eval.diagnostics = ml_collections.ConfigDict({
+      'examples': 2048})                   # test images for RankMe, CKA and the teacher's levels (0: all)
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000     # also at the end of every epoch

@@ -165,7 +165,7 @@ def test_two_point_sweep_resumes_and_writes_table_and_plot(tiny_run, tmp_path, m
   config = tiny_train_config.get_config()
   config.log_every_steps = 4
   config.checkpoint_every_steps = 0
-  grid = 'linear_lr=0.01,0.02'
+  grid = 'linear.lr=0.01,0.02'
   calls = []
   real = sweep.run_point
 
@@ -179,16 +179,16 @@ def test_two_point_sweep_resumes_and_writes_table_and_plot(tiny_run, tmp_path, m
   with pytest.raises(KeyboardInterrupt):
     sweep.sweep(config, grid, tmp_path)
   monkeypatch.setattr(sweep, 'run_point', real)
-  first = tmp_path / 'points' / 'linear_lr=0.01' / 'result.json'
+  first = tmp_path / 'points' / 'linear.lr=0.01' / 'result.json'
   stamp = first.stat().st_mtime
-  assert not (tmp_path / 'points' / 'linear_lr=0.02').exists()
+  assert not (tmp_path / 'points' / 'linear.lr=0.02').exists()
   table = sweep.sweep(config, grid, tmp_path)
   assert first.stat().st_mtime == stamp                      # the finished point was not redone
-  assert 'linear_lr=0.01' in table and 'linear_lr=0.02' in table
+  assert 'linear.lr=0.01' in table and 'linear.lr=0.02' in table
   rows = (tmp_path / 'table.csv').read_text().splitlines()
-  assert len(rows) == 3 and rows[0].startswith('eval.linear_lr')
+  assert len(rows) == 3 and rows[0].startswith('eval.linear.lr')
   assert (tmp_path / 'plot.png').stat().st_size > 1000
-  result = json.loads((tmp_path / 'points' / 'linear_lr=0.02' / 'result.json').read_text())
+  result = json.loads((tmp_path / 'points' / 'linear.lr=0.02' / 'result.json').read_text())
   assert 0 <= result['knn_top1'] <= 100 and 0 <= result['linear_top1'] <= 100
   assert 0 < result['dense_linear_miou'] <= 100 and 0 < result['dense_knn_miou'] <= 100   # segdigits
   assert '| dense linear mIoU % | dense k-NN mIoU % |' in table.splitlines()[0]

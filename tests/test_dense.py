@@ -148,7 +148,7 @@ def test_segfolder_refuses_a_wrong_layout_and_skips_bad_files(tmp_path, caplog):
   for name, top in (('good', 4), ('corrupt', 4), ('out_of_range', 20)):
     write_png(root / 'annotations' / 'training' / f'{name}.png', np.full((20, 24), top, np.uint8))
   write_png(root / 'annotations' / 'training' / 'wrong_size.png', np.full((20, 25), 1, np.uint8))
-  with pytest.raises(ValueError, match='dense_num_classes must give the number of classes'):
+  with pytest.raises(ValueError, match='dense.num_classes must give the number of classes'):
     segmentation.open_segmentation(f'segfolder:{root}', 'training')
   with caplog.at_level('WARNING'):
     source = segmentation.open_segmentation(f'segfolder:{root}', 'training', num_classes=5)

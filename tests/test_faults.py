@@ -157,7 +157,7 @@ def test_each_mistake_is_one_sentence_with_exit_code_2(tmp_path, overrides, word
      "The tfds dataset 'mnist' is not prepared in {tmp}"),
     ({'eval.knn_every_epochs': 1, 'eval.test_source': 'mnist5k:validation'},
      "mnist5k has the splits train and test, not 'validation'"),
-    ({'eval.report': True, 'eval.dense_source': 'segfolder:{tmp}'},
+    ({'eval.report': True, 'eval.dense.source': 'segfolder:{tmp}'},
      'segfolder:{tmp} needs {tmp}/images/training/NAME.jpg'),
     ({'eval.report': True, 'eval.test_source': ''}, 'config.eval.train_source and config.eval.test_source must'),
 ])
@@ -166,8 +166,11 @@ def test_an_evaluation_source_that_cannot_be_opened_is_refused_before_training(t
   refused at the start instead, before the workdir is made."""
   config = tiny_train_config.get_config()
   for field, value in overrides.items():
-    section, name = field.split('.')
-    config[section][name] = value.format(tmp=tmp_path) if isinstance(value, str) else value
+    *sections, name = field.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = value.format(tmp=tmp_path) if isinstance(value, str) else value
   with pytest.raises(ConfigError) as refused:
     loop.train_and_evaluate(config, tmp_path / 'run')
   assert words.format(tmp=tmp_path) in str(refused.value)

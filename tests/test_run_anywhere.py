@@ -85,9 +85,9 @@ def test_colab_notebook_runs_end_to_end_on_the_cpu(tmp_path):
   nbclient = pytest.importorskip('nbclient')
   notebook = nbformat.read(REPO / 'launch' / 'colab.ipynb', as_version=4)
   shortened = ('--config.epochs=1 --config.data.max_examples=512 --config.eval.max_train_examples=600 '
-               '--config.eval.max_test_examples=200 --config.eval.dense_max_train_examples=96 '
-               '--config.eval.dense_max_test_examples=32 --config.eval.diagnostics_examples=128 '
-               '--config.eval.dense_linear_epochs=5')
+               '--config.eval.max_test_examples=200 --config.eval.dense.max_train_examples=96 '
+               '--config.eval.dense.max_test_examples=32 --config.eval.diagnostics.examples=128 '
+               '--config.eval.dense_linear.epochs=5')
   workdir = tmp_path / 'colab_demo'
   settings = {'UDI_REPO': str(REPO), 'UDI_DEMO_ARGS': shortened, 'UDI_WORKDIR': str(workdir)}
   client = nbclient.NotebookClient(notebook, timeout=900, kernel_name='python3',

@@ -146,7 +146,7 @@ def evaluate_checkpoint(config, workdir: pathlib.Path) -> dict:
   results = evaluation.evaluate(config, restored.trainer.nets, params, workdir, name,
                                 tuple(config.eval.protocols), centres=restored.state.centres)
   if jax.process_index() == 0:
-    summary = {k: results[k] for k in ('knn', 'linear', 'lowshot', 'dense', 'diagnostics') if k in results}
+    summary = {k: results[k] for k in config.eval.protocols}
     say(json.dumps(summary, indent=1, default=float)[:4000])
     say(f'Results: {workdir / "eval" / (name + ".json")}')
   return results

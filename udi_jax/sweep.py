@@ -6,7 +6,7 @@ as a union, e.g. one factor at a time around the defaults:
 (`udi.alpha`) or a unique leaf name (`alpha`); values are parsed to the field's type.
 
 Each point trains into `SWEEP/points/<name>/` (resuming from its checkpoints if interrupted), is evaluated
-(`config.eval.tokens` k-NN on the test split, the linear probe, and with `config.eval.dense_source` the dense
+(`config.eval.tokens` k-NN on the test split, the linear probe, and with `config.eval.dense.source` the dense
 linear and k-NN mIoU), and writes `result.json`; finished
 points are skipped when the sweep is run again. Then `SWEEP/table.csv`, `table.md` (mean and standard
 deviation over seeds) and `plot.png` (every column per setting) are written. Points run
@@ -31,7 +31,7 @@ from ml_collections import config_flags
 from udi_jax.say import say
 
 FLAGS = flags.FLAGS
-# The columns of the table, where every point has them (the dense ones with config.eval.dense_source).
+# The columns of the table, where every point has them (the dense ones with config.eval.dense.source).
 METRICS = {'knn_top1': 'k-NN top-1 %', 'linear_top1': 'linear top-1 %', 'dense_linear_miou': 'dense linear mIoU %',
            'dense_knn_miou': 'dense k-NN mIoU %'}
 
@@ -46,11 +46,11 @@ def _leaf_paths(config, prefix=''):
 
 
 def resolve_field(config, name: str) -> str:
-  """A dotted path or a unique leaf name -> the dotted path."""
+  """A dotted path, or the unique path it ends (a leaf name: alpha; or linear.lr) -> the dotted path."""
   paths = list(_leaf_paths(config))
   if name in paths:
     return name
-  matches = [p for p in paths if p.split('.')[-1] == name]
+  matches = [p for p in paths if p.endswith('.' + name)]
   if len(matches) == 1:
     return matches[0]
   if not matches:
@@ -102,7 +102,8 @@ def parse_grid(grid: str, config) -> list[dict[str, Any]]:
 
 
 def point_name(point: dict[str, Any]) -> str:
-  return ','.join(f'{k.split(".")[-1]}={v}' for k, v in point.items()) or 'default'
+  """'alpha=0.5,linear.lr=0.02' for {'udi.alpha': 0.5, 'eval.linear.lr': 0.02}: the path less its section."""
+  return ','.join(f'{k.split(".", 1)[-1]}={v}' for k, v in point.items()) or 'default'
 
 
 def apply(config, point: dict[str, Any]):
@@ -121,6 +122,8 @@ def apply(config, point: dict[str, Any]):
 
 def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[str, Any]:
   from udi_jax.evaluate import run as evaluation
+  from udi_jax.evaluate.context import token_kinds
+  from udi_jax.evaluate.protocols import knn as knn_protocol
   from udi_jax.train.loop import train_and_evaluate
   result_path = directory / 'result.json'
   if result_path.exists():
@@ -131,16 +134,15 @@ def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[st
   trained = train_and_evaluate(config, str(directory))
   nets = trained.trainer.nets
   network = jax.device_get(evaluation.evaluated_network(config, trained.state))
-  protocols = ('knn', 'linear') + (evaluation.DENSE_PROTOCOLS if config.eval.dense_source else ())
-  results = evaluation.evaluate(config, nets, network, directory, 'final', protocols=protocols,
+  dense = ('dense_linear', 'dense_knn') if config.eval.dense.source else ()
+  results = evaluation.evaluate(config, nets, network, directory, 'final', protocols=('knn', 'linear') + dense,
                                 centres=jax.device_get(trained.state.centres))
-  k = evaluation.reported_k(config)
-  token = evaluation.token_kinds(config, nets)[0]
+  k = knn_protocol.reported_k(config)
+  token = token_kinds(config, nets)[0]
   result = {'name': point_name(point), 'point': dict(point), 'knn_top1': results['knn'][token][f'top1@{k}'],
             'knn_token': token, 'k': k, 'linear_top1': results['linear']['top1'],
             'linear_best_top1': results['linear']['best_top1'], 'minutes': round((time.time() - started) / 60, 2)}
-  if 'dense' in results:
-    result.update({f'{p}_miou': results['dense'][p]['miou'] for p in evaluation.DENSE_PROTOCOLS})
+  result.update({f'{p}_miou': results[p]['miou'] for p in dense})
   if jax.process_index() == 0:
     result_path.write_text(json.dumps(result, indent=2))
   return result

