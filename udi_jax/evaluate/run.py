@@ -44,8 +44,8 @@ def check_config(config) -> None:
       check_spec(ev[field], f'config.eval.{field}')
   for name, protocol in REGISTRY.items():
     if name not in ev:
-      raise ValueError(f'config.eval has no section {name!r} for the {name} protocol; add '
-                       f'config.eval.{name} (configs/vits16.py has its fields and defaults).')
+      raise ValueError(f'config.eval has no section {name!r} for the {name} protocol; add config.eval.{name} '
+                       'with its settings (configs/vits16.py has a section per protocol).')
     protocol.check(config)
 
 
