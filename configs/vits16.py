@@ -110,7 +110,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.linear = ml_collections.ConfigDict({
       'epochs': 100,
       'lr': 0.02,                          # per 256 examples
-      'batch_size': 256})
+      'batch_size': 256,
+      'features': ('linear',)})            # official: token 0 of the last 4 blocks; or cls, cls_plus, concat
   config.eval.lowshot = ml_collections.ConfigDict({
       'fractions': (0.01, 0.1),
       'split_dir': ''})                    # SimCLRv2 1percent.txt / 10percent.txt (ImageFolder sources)
@@ -136,6 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000     # also at the end of every epoch
+  config.checkpoint_every_minutes = 0.0    # > 0: also after this many minutes of training (Colab)
   config.keep_checkpoints = 3
   config.keep_every_epochs = 50            # checkpoints kept for good (0: none)
   config.init_from = ''                    # a workdir or checkpoint directory to start from

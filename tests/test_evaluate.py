@@ -172,7 +172,7 @@ def test_evaluating_a_checkpoint_writes_json(tiny_run, tmp_path):
   assert written['dense_linear']['miou'] == pytest.approx(report['dense_linear']['miou'])
   assert written['diagnostics']['rankme'] == pytest.approx(report['diagnostics']['rankme'])
   assert written['knn']['cls']['top1@20'] == pytest.approx(results['knn']['cls']['top1@20'])
-  assert written['test_examples'] == 128 and 0 <= written['linear']['top1'] <= 100
+  assert written['test_examples'] == 128 and 0 <= written['linear']['linear']['top1'] <= 100
 
 
 def test_features_are_the_official_ones(tiny_run):

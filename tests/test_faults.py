@@ -267,3 +267,42 @@ def test_speed_and_eta_leave_the_compilation_out(tmp_path, monkeypatch, capsys):
   lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('step ')]
   assert lines[0].endswith('| speed from the next line (the first step compiles)')
   assert lines[1].endswith(f'| {config.batch_size / 0.25:.1f} img/s, ETA 00:00:00')      # 2 steps x 0.25 s
+
+
+def test_a_checkpoint_is_also_saved_after_each_ten_minutes_of_training(tmp_path, monkeypatch):
+  """On a simulated clock where every step takes 4 minutes: besides the ends of the 4-step epochs, a
+  checkpoint is saved at the first step 10 minutes or more after the previous save."""
+  now = [0.0]
+  monkeypatch.setattr(metrics_log, 'clock', lambda: now[0])
+
+  def slow_identity(*args, **kwargs):
+    step_fn = identity_step(*args, **kwargs)
+
+    def step(state, batch):
+      now[0] += 240.0
+      return step_fn(state, batch)
+    return step
+  monkeypatch.setattr(loop, 'make_train_step', slow_identity)
+  config = tiny_train_config.get_config()
+  config.checkpoint_every_steps = 0
+  config.checkpoint_every_minutes = 10.0
+  loop.train_and_evaluate(config, tmp_path)
+  assert checkpoint_steps(tmp_path) == [3, 4, 7, 8, 11, 12]
+
+
+def test_resuming_under_a_config_that_trains_differently_is_refused(tiny_run, tmp_path):
+  """The shared run resumed with another alpha and batch: refused before anything runs, naming both fields;
+  resumed with a longer schedule (how a run is driven): accepted."""
+  config, workdir = tiny_run
+  changed = config.copy_and_resolve_references()
+  changed.udi.alpha, changed.batch_size = 0.25, 32
+  with pytest.raises(ConfigError) as refused:
+    loop.train_and_evaluate(changed, workdir)
+  assert f'The run in {workdir} was trained with another config (batch_size: 16 -> 32; udi.alpha: 0.5 -> 0.25)' in (
+      str(refused.value))
+  from udi_jax.train import run_config
+  trained = json.loads((workdir / 'config.json').read_text())
+  longer = json.loads(json.dumps(trained))
+  longer['epochs'] += 1
+  longer['eval']['knn']['ks'] = [5]
+  assert run_config.differences(trained, longer) == []

@@ -139,9 +139,10 @@ def run_point(config, point: dict[str, Any], directory: pathlib.Path) -> dict[st
                                 centres=jax.device_get(trained.state.centres))
   k = knn_protocol.reported_k(config)
   token = token_kinds(config, nets)[0]
+  probe = next(iter(results['linear'].values()))       # the first of config.eval.linear.features
   result = {'name': point_name(point), 'point': dict(point), 'knn_top1': results['knn'][token][f'top1@{k}'],
-            'knn_token': token, 'k': k, 'linear_top1': results['linear']['top1'],
-            'linear_best_top1': results['linear']['best_top1'], 'minutes': round((time.time() - started) / 60, 2)}
+            'knn_token': token, 'k': k, 'linear_top1': probe['top1'], 'linear_best_top1': probe['best_top1'],
+            'minutes': round((time.time() - started) / 60, 2)}
   result.update({f'{p}_miou': results[p]['miou'] for p in dense})
   if jax.process_index() == 0:
     result_path.write_text(json.dumps(result, indent=2))

@@ -29,6 +29,7 @@ from udi_jax.evaluate import run as evaluation
 from udi_jax.evaluate.protocols import knn as knn_protocol
 from udi_jax.mesh import batch_sharding, data_mesh
 from udi_jax.say import say
+from udi_jax.train import metrics_log, run_config
 from udi_jax.train.checkpoint import Checkpoints, checkpoint_dir
 from udi_jax.train.metrics_log import MetricsLog
 from udi_jax.train.state import TrainState, abstract_state, create_state
@@ -45,6 +46,7 @@ class RunSettings:
   parallel: str
   log_every_steps: int
   checkpoint_every_steps: int
+  checkpoint_every_minutes: float
   keep_checkpoints: int
   keep_every_epochs: int
   knn_every_epochs: int
@@ -62,9 +64,10 @@ class RunSettings:
     if config.parallel == 'pmap' and num_processes > 1:
       raise ValueError("config.parallel='pmap' runs on one process; use config.parallel='shard_map' on "
                        'several hosts.')
-    if config.log_every_steps <= 0 or config.checkpoint_every_steps < 0 or config.keep_checkpoints < 1:
-      raise ValueError('config.log_every_steps must be positive, checkpoint_every_steps >= 0 and '
-                       'keep_checkpoints >= 1.')
+    if (config.log_every_steps <= 0 or config.checkpoint_every_steps < 0 or config.keep_checkpoints < 1
+        or not config.checkpoint_every_minutes >= 0):
+      raise ValueError('config.log_every_steps must be positive, checkpoint_every_steps >= 0, '
+                       'checkpoint_every_minutes >= 0 and keep_checkpoints >= 1.')
     if config.max_steps < 0:
       raise ValueError(f'config.max_steps={config.max_steps} must be 0 (the whole schedule) or positive.')
     is_torch = config.init_from.startswith('torch:')
@@ -76,7 +79,9 @@ class RunSettings:
       raise ValueError(f'config.init_from={config.init_from} is neither a workdir nor a checkpoint directory; '
                        'give a run to start from, or torch:PATH for a PyTorch file.')
     return cls(batch_size=config.batch_size, parallel=config.parallel, log_every_steps=config.log_every_steps,
-               checkpoint_every_steps=config.checkpoint_every_steps, keep_checkpoints=config.keep_checkpoints,
+               checkpoint_every_steps=config.checkpoint_every_steps,
+               checkpoint_every_minutes=float(config.checkpoint_every_minutes),
+               keep_checkpoints=config.keep_checkpoints,
                keep_every_epochs=config.keep_every_epochs, knn_every_epochs=config.eval.knn_every_epochs,
                init_run='' if is_torch else config.init_from, init_torch_file=torch_file,
                max_steps=config.max_steps)
@@ -115,6 +120,28 @@ class TrainResult:
   trainer: Trainer
   completed: bool            # False when a SIGTERM or config.max_steps stopped the run early
   trained_steps: int         # by this call (0: the run was already complete)
+
+
+class SaveClock:
+  """Whether config.checkpoint_every_minutes of training passed since the last checkpoint: process 0's clock,
+  agreed by all processes every PREEMPTION_CHECK_STEPS steps (a broadcast is a device sync)."""
+
+  def __init__(self, minutes: float):
+    self.seconds = 60.0 * minutes
+    self.last = metrics_log.clock()
+
+  def saved(self) -> None:
+    self.last = metrics_log.clock()
+
+  def due(self, step: int) -> bool:
+    if not self.seconds:
+      return False
+    late = metrics_log.clock() - self.last >= self.seconds
+    if jax.process_count() == 1:
+      return late
+    if step % PREEMPTION_CHECK_STEPS:
+      return False
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(late)))
 
 
 class Preemption:
@@ -249,10 +276,13 @@ def _train(config, workdir: pathlib.Path, plan: RunPlan, source: Source) -> Trai
   run, trainer, mesh = plan.run, plan.trainer, data_mesh()
   schedules = trainer.schedules
   config_dict = json.loads(config.to_json_best_effort())
-  if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(json.dumps(config_dict, indent=2))
   keep_period = run.keep_every_epochs * schedules.steps_per_epoch if run.keep_every_epochs else None
   checkpoints = Checkpoints(workdir / 'checkpoints', keep=run.keep_checkpoints, keep_period=keep_period)
+  if checkpoints.latest_step() is not None:
+    with config_errors():
+      run_config.agreed_refusal(workdir, config_dict)
+  if jax.process_index() == 0:
+    run_config.write(workdir, config_dict)
   state, data_state = _initial_state(trainer, run, checkpoints, config.seed, mesh)
   start = int(jax.device_get(state.step))
   end = min(schedules.total_steps, run.max_steps) if run.max_steps else schedules.total_steps
@@ -285,6 +315,7 @@ def _run_steps(config, plan: RunPlan, train_step, state: TrainState, pipeline: I
   """The loop: metrics stay on the device until a log step; a checkpoint is saved only after its steps
   were checked; k-NN at the chosen epochs; a SIGTERM saves and stops at a step boundary."""
   run, steps_per_epoch = plan.run, plan.trainer.schedules.steps_per_epoch
+  timed = SaveClock(run.checkpoint_every_minutes)
   with Preemption() as preemption:
     step = start
     while step < end:
@@ -294,13 +325,14 @@ def _run_steps(config, plan: RunPlan, train_step, state: TrainState, pipeline: I
         log.start_clock(step)       # this call compiled the step: speed and ETA from the next one
       log.add(step, metrics)
       end_of_epoch = step % steps_per_epoch == 0
-      save = (end_of_epoch or step == end
+      save = (end_of_epoch or step == end or timed.due(step)
               or (run.checkpoint_every_steps and step % run.checkpoint_every_steps == 0))
       stop = preemption.agreed(step)
       if save or stop or step % run.log_every_steps == 0:
         log.flush(step, checkpoints.latest_step())
       if save or stop:
         checkpoints.save(step, state, pipeline.get_state(), config_dict)
+        timed.saved()
       if stop:
         logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
         break
