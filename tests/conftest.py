@@ -90,5 +90,6 @@ def tiny_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('tiny_run')
   result = train_and_evaluate(config, str(workdir))
   assert result.completed
-  final_report(config, result.trainer.nets, result.state, workdir)   # the demo's table and pictures
+  final_report(config, result.trainer.nets, result.state, workdir,   # the demo's table and pictures
+               result.trainer.schedules.steps_per_epoch)
   return config, workdir

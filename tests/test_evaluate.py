@@ -128,7 +128,7 @@ def test_knn_during_training_is_logged(tiny_run):
   _, workdir = tiny_run
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   knn_rows = [r for r in rows if 'knn/cls/top1@20' in r]
-  assert [r['step'] for r in knn_rows] == [4, 8, 12]
+  assert [r['step'] for r in knn_rows] == [0, 4, 8, 12]      # 0: the network at initialisation
   assert all(0.0 <= r['knn/cls_plus/top1@20'] <= 100.0 for r in knn_rows)
   assert all(1 <= r['diag/prototypes_used/patch'] <= 64 and 1 < r['diag/rankme/cls_plus'] for r in knn_rows)
 
@@ -152,7 +152,8 @@ def test_report_writes_the_table_and_pictures(tiny_run):
     assert all(1 <= v['prototypes_used'] <= 64 and 0 < v['entropy'] <= np.log(64) + 1e-4 for v in levels.values())
     assert 1 < row['diagnostics']['rankme']['cls'] <= 32 and -1e-6 <= row['diagnostics']['cka_cls_cls_plus'] <= 1
   assert 'linear mIoU % | k-NN mIoU %' in (workdir / 'eval' / 'dense_table.md').read_text()
-  for name in ('attention_cls.png', 'attention_cls_plus.png', 'readout_attention.png', 'training_curves.png'):
+  for name in ('attention_cls.png', 'attention_cls_plus.png', 'readout_attention.png', 'training_curves.png',
+               'knn_curve.png'):
     with Image.open(workdir / 'pictures' / name) as image:
       assert image.size[0] > 200 and image.size[1] > 100, name
 

@@ -16,6 +16,8 @@ LAYERS = (
     ('evaluate',),                           # what a network learned
     ('train',),                              # how it learns (runs k-NN during training)
     ('main', 'export', 'benchmark', 'sweep', 'parity'),   # entry points and the parity checks' inputs
+    ('estimate',),                           # time and memory from the step's XLA analyses
+    ('reproduce',),                          # the Imagenette reproduction's parts
 )
 MAX_FUNCTION_LINES = 60
 

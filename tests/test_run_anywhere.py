@@ -1,7 +1,9 @@
 """Launchers (dry runs), the Colab notebook end to end on the CPU, the throughput benchmark and FLOP count,
 and the step and feature extractor lowered for GPUs and TPUs."""
 
+import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -104,6 +106,57 @@ def test_colab_notebook_runs_end_to_end_on_the_cpu(tmp_path):
   assert sum('image/png' in o.get('data', {}) for o in outputs) == 4
   assert 'model.load_state_dict(' in text
   assert (workdir / 'export' / 'udi_demo_timm.safetensors').is_file()
+
+
+# A tiny model on tfds' mock Imagenette: 48 photographs, 3 steps an epoch, 2 epochs.
+TINY_IMAGENETTE = {
+    'batch_size': 16, 'epochs': 2, 'model.patch_size': 4, 'model.embed_dim': 32, 'model.depth': 2,
+    'model.num_heads': 2, 'model.out_dim': 64, 'model.head_hidden_dim': 32, 'model.head_bottleneck_dim': 16,
+    'model.dtype': 'float32', 'udi.global_window': 2, 'udi.local_window': 1, 'data.global_size': 16,
+    'data.local_size': 8, 'data.num_local': 2, 'data.num_workers': 0, 'data.num_threads': 1,
+    'optim.warmup_epochs': 1, 'udi.warmup_teacher_temp_epochs': 1, 'eval.batch_size': 16,
+    'eval.linear.epochs': 2, 'eval.knn_every_epochs': 1, 'log_every_steps': 1}
+
+
+def run_notebook(path: pathlib.Path, settings: dict, directory: pathlib.Path) -> tuple[list[dict], str]:
+  """Executes a notebook in a fresh kernel; (its outputs, their printed text)."""
+  nbformat = pytest.importorskip('nbformat')
+  nbclient = pytest.importorskip('nbclient')
+  notebook = nbformat.read(path, as_version=4)
+  client = nbclient.NotebookClient(notebook, timeout=900, kernel_name='python3',
+                                   resources={'metadata': {'path': str(directory)}})
+  client.execute(env={**env(1), **settings})
+  outputs = [o for cell in notebook.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
+  assert not [o for o in outputs if o.get('output_type') == 'error']
+  return outputs, ''.join(o.get('text', '') for o in outputs)
+
+
+@pytest.mark.slow
+def test_reproduction_notebook_resumes_after_a_disconnect_and_finishes(tmp_path):
+  """The Imagenette notebook on the CPU, tfds' mock data in Imagenette's place and a tiny model: the first
+  session stops after 3 of 6 steps (as a disconnect would), the second finds the prepared data and the run
+  on the store, trains only steps 4-6, and ends with the curve, the table, the pictures and the export."""
+  store = tmp_path / 'store'
+  settings = {'UDI_REPO': str(REPO), 'UDI_STORE': str(store), 'UDI_MOCK_DATA': '48'}
+  notebook = REPO / 'launch' / 'colab_reproduce.ipynb'
+  _, first = run_notebook(notebook, {**settings, 'UDI_OVERRIDES': json.dumps({**TINY_IMAGENETTE, 'max_steps': 3})},
+                          tmp_path)
+  assert 'Training 6 steps (2 epochs x 3) from step 0 to step 3 (config.max_steps)' in first, first[-3000:]
+  assert 'No accelerator: at this CPU\'s measured rate this run would take about' in first
+  assert 'the run is not complete' in first
+  outputs, second = run_notebook(notebook, {**settings, 'UDI_OVERRIDES': json.dumps(TINY_IMAGENETTE)}, tmp_path)
+  workdir = store / 'runs' / 'imagenette'
+  assert 'Resuming from the checkpoint of step 3' in second and 'from step 3;' in second, second[-3000:]
+  assert '3 steps trained in this session; the run is complete.' in second
+  knn_steps = [json.loads(line)['step'] for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+               if 'knn/cls/top1@20' in line]
+  assert knn_steps == [0, 3, 6]
+  [table] = [o['data']['text/markdown'] for o in outputs if 'text/markdown' in o.get('data', {})]
+  for row in ('| initialisation | cls_plus |', '| UDI (this run) | concat |', '| DINO (published, online probes) | cls '
+              '| 83.8 | 86.1 |'):
+    assert row in table, (row, table)
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 6    # the curve, 3 attention, 2 curves
+  assert (workdir / 'export' / 'hf' / 'model.safetensors').is_file()
 
 
 def test_benchmark_prints_every_figure_on_the_cpu():

@@ -119,7 +119,7 @@ def main(argv):
     print(f'Training stopped: {e}', file=sys.stderr)
     sys.exit(1)
   if config.eval.report and result.completed and (result.trained_steps or not report_written(workdir)):
-    final_report(config, result.trainer.nets, result.state, workdir)
+    final_report(config, result.trainer.nets, result.state, workdir, result.trainer.schedules.steps_per_epoch)
 
 
 def eval_checkpoint_path(checkpoint: str, workdir: pathlib.Path) -> tuple[pathlib.Path, Optional[int]]:

@@ -273,7 +273,7 @@ def probe_source(spec: str, data_dir: str | None = None, field: str = 'config.da
     _split_fixed(0, rest or 'train', kind)
   elif kind == 'tfds':
     name, _, split = rest.partition(':')
-    prepared_builder(name, split or 'train', data_dir, field)
+    _probe_tfds(name, split or 'train', data_dir, field)
   else:
     path, sep, split = rest.rpartition(':')
     root = pathlib.Path(path, split) if sep and pathlib.Path(path, split).is_dir() else pathlib.Path(rest)
@@ -284,6 +284,18 @@ def probe_source(spec: str, data_dir: str | None = None, field: str = 'config.da
     if not any(_holds_an_image(entry) for entry in os.scandir(root) if entry.is_dir()):
       raise ValueError(f'{field}: the image folder {root} holds no images (.jpg, .jpeg, .png, .webp) in class '
                        'subfolders; use the layout ROOT/<class>/<image>.')
+
+
+def _probe_tfds(name: str, split: str, data_dir: str | None, field: str) -> None:
+  """Opens the split as `tfds_source` will (an ArrayRecord data source reads its metadata, not its records);
+  what tfds cannot open that way is diagnosed by the builder (unknown, not prepared, no such split), and a
+  prepared TFRecord dataset is accepted (it is read when it is used)."""
+  import tensorflow_datasets as tfds
+  try:
+    with _tfds_quiet():
+      tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception:  # noqa: BLE001 (the builder says what is wrong)
+    prepared_builder(name, split, data_dir, field)
 
 
 def _holds_an_image(folder: os.DirEntry) -> bool:

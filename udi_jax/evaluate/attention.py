@@ -1,18 +1,15 @@
-"""Pictures: last-layer attention of each class token, read-out attention at sampled points, curves.
+"""Pictures: last-layer attention of each class token, and read-out attention at sampled points.
 
 Written as PNG files under `workdir/pictures/`:
 - `attention_cls.png`: per image, the image and the last block's attention of token 0 (z_cls) to the
   patches, one panel per head; `attention_cls_plus.png` the same for token 1 (z_cls+);
 - `readout_attention.png`: per image, a few stratified sample points (marked) and the SRS read-out's
-  attention from each point over the patches (mean over heads);
-- `training_curves.png`: losses per level, teacher entropy, KL, lr and k-NN (if run) from `metrics.jsonl`.
+  attention from each point over the patches (mean over heads).
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +17,7 @@ import numpy as np
 
 from udi_jax.data.photometric import preprocess
 from udi_jax.method.sampling import stratified_cells
-from udi_jax.models.networks import LEVELS, TOKEN_LEVELS
+from udi_jax.models.networks import TOKEN_LEVELS
 
 
 def _pyplot():
@@ -97,38 +94,3 @@ def draw_attention(nets, params, images: np.ndarray, directory: pathlib.Path, se
     _overlay_grid(plt, marked, attn, ['sampled points'] + [f'point {p}' for p in range(attn.shape[1])], path)
     written.append(path)
   return written
-
-
-def draw_curves(metrics_path: pathlib.Path, path: pathlib.Path, k: int = 20) -> Optional[pathlib.Path]:
-  """Training curves from `metrics.jsonl` (the k-NN panel at `k` neighbours); None when nothing is logged."""
-  if not metrics_path.exists():
-    return None
-  rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-  if not rows:
-    return None
-  train = [r for r in rows if 'loss' in r]
-  knn_rows = [r for r in rows if any(key.startswith('knn/') for key in r)]
-  if not train:
-    return None
-  plt = _pyplot()
-  last = train[-1]
-  losses = ['loss'] + [f'loss/{level}' for level in LEVELS]
-  panels = [('loss', train, [key for key in losses if key in last]),
-            ('teacher entropy', train, [key for key in last if key.startswith('teacher_entropy/')]),
-            ('KL(teacher || student)', train, [key for key in last if key.startswith('kl/')]),
-            ('learning rate', train, ['lr'])]
-  if knn_rows:
-    panels.append((f'k-NN top-1 % (k={k})', knn_rows, [key for key in knn_rows[-1] if key.endswith(f'/top1@{k}')]))
-  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3))
-  for ax, (title, subset, keys) in zip(axes, panels):
-    for key in keys:
-      ax.plot([r['step'] for r in subset], [r[key] for r in subset], label=key)
-    ax.set_title(title)
-    ax.set_xlabel('step')
-    if len(keys) > 1:
-      ax.legend(fontsize=7)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path

@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
 
 from udi_jax.data.sources import decode_image
-from udi_jax.evaluate import attention, features, knn
+from udi_jax.evaluate import attention, curves, features, knn
 from udi_jax.evaluate import run as evaluation
 from udi_jax.evaluate.context import EvalContext
 from udi_jax.evaluate.protocols import REGISTRY
@@ -79,9 +79,10 @@ def protocols_table(config, names: tuple[str, ...], rows: list[tuple[str, dict]]
   return '\n'.join(lines), {'rows': [{'features': what, **found} for what, found in rows]}
 
 
-def pictures(config, nets: Networks, params: dict, test, workdir: pathlib.Path, count: int = 6
-             ) -> list[pathlib.Path]:
-  """Attention pictures on `count` test images spread over the split, and the training curves."""
+def pictures(config, nets: Networks, params: dict, test, workdir: pathlib.Path, steps_per_epoch: int,
+             raw_pixels_top1: Optional[float] = None, count: int = 6) -> list[pathlib.Path]:
+  """Attention pictures on `count` test images spread over the split, the training curves, and the k-NN
+  curve per epoch (when the run logged k-NN) with raw pixels' k-NN as a line."""
   if jax.process_index() != 0:
     return []
   crop = config.data.global_size
@@ -91,12 +92,14 @@ def pictures(config, nets: Networks, params: dict, test, workdir: pathlib.Path, 
   directory = workdir / 'pictures'
   written = attention.draw_attention(nets, params, images, directory, seed=config.seed,
                                      window=config.udi.global_window)
-  curves = attention.draw_curves(workdir / 'metrics.jsonl', directory / 'training_curves.png',
-                                 knn_protocol.reported_k(config))
-  return written + ([curves] if curves else [])
+  k = knn_protocol.reported_k(config)
+  drawn = [curves.draw_curves(workdir / 'metrics.jsonl', directory / 'training_curves.png', k),
+           curves.draw_knn_curve(workdir / 'metrics.jsonl', directory / 'knn_curve.png', steps_per_epoch, k,
+                                 {'raw pixels': raw_pixels_top1} if raw_pixels_top1 is not None else None)]
+  return written + [p for p in drawn if p]
 
 
-def _tables(config, init: EvalContext, trained: EvalContext, workdir: pathlib.Path) -> str:
+def _tables(config, init: EvalContext, trained: EvalContext, workdir: pathlib.Path) -> tuple[str, dict]:
   names = table_protocols(config)
   what = (('initialisation', init), (f'pretrained {config.eval.network}', trained))
   found: list[tuple[str, dict[str, Any]]] = [(label, evaluation.results(ctx, ('knn',) + names)) for label, ctx in what]
@@ -106,10 +109,10 @@ def _tables(config, init: EvalContext, trained: EvalContext, workdir: pathlib.Pa
   write(workdir, 'knn_table', knn_md, knn_payload)
   table_md, table_payload = protocols_table(config, names, [(w, {n: f[n] for n in names}) for w, f in found])
   write(workdir, 'dense_table', table_md, table_payload)
-  return knn_md + '\n\n' + table_md
+  return knn_md + '\n\n' + table_md, knn_payload['rows'][0]
 
 
-def final_report(config, nets: Networks, state, workdir: str | pathlib.Path) -> None:
+def final_report(config, nets: Networks, state, workdir: str | pathlib.Path, steps_per_epoch: int) -> None:
   """Writes the report of a run's final TrainState and prints where its parts are (process 0)."""
   workdir = pathlib.Path(workdir)
   names = ('knn',) + table_protocols(config)
@@ -117,8 +120,9 @@ def final_report(config, nets: Networks, state, workdir: str | pathlib.Path) -> 
   trained_params = jax.device_get(evaluation.evaluated_network(config, state))
   init = evaluation.context(config, nets, init_params, None, names)
   trained = evaluation.context(config, nets, trained_params, jax.device_get(state.centres), names)
-  tables = _tables(config, init, trained, workdir)
-  drawn = pictures(config, nets, trained_params, trained.splits()[1], workdir)
+  tables, pixels = _tables(config, init, trained, workdir)
+  drawn = pictures(config, nets, trained_params, trained.splits()[1], workdir, steps_per_epoch,
+                   pixels[f'top1@{knn_protocol.reported_k(config)}'])
   if jax.process_index() != 0:
     return
   out = workdir / 'export' / EXPORT_NAME

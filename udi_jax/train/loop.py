@@ -300,6 +300,8 @@ def _train(config, workdir: pathlib.Path, plan: RunPlan, source: Source) -> Trai
                    run.log_every_steps, config.model.out_dim)
   say(f'Training {schedules.total_steps} steps ({config.epochs} epochs x {schedules.steps_per_epoch}) from step '
       f'{start}{f" to step {end} (config.max_steps)" if end < schedules.total_steps else ""}; workdir {workdir}')
+  if start == 0 and run.knn_every_epochs:      # epoch 0 of the k-NN curve: the network at initialisation
+    _knn_now(config, trainer.nets, state, 0, log)
   state, step = _run_steps(config, plan, make_train_step(trainer, mesh, run.parallel), state, pipeline, log,
                            checkpoints, config_dict, start, end)
   checkpoints.wait()
