@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import REPO, env
+from udi_jax.estimate import abstract_step_inputs
 
 LAUNCHERS = ['launch/tpu_pod.sh', 'launch/gpu.sh', 'launch/slurm.sbatch']
 
@@ -220,24 +221,13 @@ def vit_s16():
   return config, Trainer.from_config(config, steps_per_epoch=1000)
 
 
-def abstract_step_inputs(config, trainer, devices: int, rows_per_device: int = 2):
-  """(mesh, state, batch) of the training step as ShapeDtypeStructs sharded over `devices` CPU devices."""
-  from udi_jax.data.pipeline import batch_shapes
-  from udi_jax.mesh import batch_sharding, data_mesh
-  from udi_jax.train.state import abstract_state
-  mesh = data_mesh(jax.devices()[:devices])
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh))
-           for k, (shape, dtype) in batch_shapes(config, devices * rows_per_device).items()}
-  return mesh, abstract_state(trainer.nets, trainer.tx, mesh), batch
-
-
 @pytest.fixture(scope='module')
 def released_step(vit_s16):
   """The whole shard_map step as launched (state donated) on 2 devices, 2 rows each, with its abstract
   inputs: one step function, so that the FLOP count and the exports share its trace."""
   from udi_jax.train.step import make_train_step
   config, trainer = vit_s16
-  mesh, state, batch = abstract_step_inputs(config, trainer, devices=2)
+  mesh, state, batch = abstract_step_inputs(config, trainer, devices=2, rows_per_device=2)
   return make_train_step(trainer, mesh, donate=True), state, batch
 
 
@@ -281,12 +271,24 @@ def test_training_step_lowers_for_gpu_and_tpu(released_step):
   assert portability_problems(*released_step) == []
 
 
+def test_the_imagenette_step_lowers_for_gpu_and_tpu():
+  """configs/imagenette.py's step as it runs on a GPU or TPU: ViT-S/16, bf16, 2x224 + 6x96 cut on the device."""
+  from configs import imagenette
+  from udi_jax.train.step import Trainer, make_train_step
+  config = imagenette.get_config()
+  config.data.crops_on = 'device'
+  trainer = Trainer.from_config(config, steps_per_epoch=36)
+  mesh, state, batch = abstract_step_inputs(config, trainer, devices=2, rows_per_device=2)
+  assert batch['windows'].shape == (4, 8, 5)                      # 2 global + 6 local crops per image
+  assert portability_problems(make_train_step(trainer, mesh, donate=True), state, batch) == []
+
+
 def test_feature_extractor_lowers_for_gpu_and_tpu(vit_s16):
   """The evaluation features, every kind (tokens, concat, avgpool, last blocks), at 224 px on 2 devices."""
   from udi_jax.evaluate.features import KINDS, compiled_features
   from udi_jax.mesh import batch_sharding
   config, trainer = vit_s16
-  mesh, state, _ = abstract_step_inputs(config, trainer, devices=2)
+  mesh, state, _ = abstract_step_inputs(config, trainer, devices=2, rows_per_device=2)
   images = jax.ShapeDtypeStruct((4, 224, 224, 3), np.uint8, sharding=batch_sharding(mesh))
   assert portability_problems(compiled_features(trainer.nets, KINDS, mesh), state.teacher['backbone'],
                               images) == []
