@@ -292,7 +292,8 @@ def test_a_checkpoint_is_also_saved_after_each_ten_minutes_of_training(tmp_path,
 
 def test_resuming_under_a_config_that_trains_differently_is_refused(tiny_run, tmp_path):
   """The shared run resumed with another alpha and batch: refused before anything runs, naming both fields;
-  resumed with a longer schedule (how a run is driven): accepted."""
+  a longer schedule or other evaluation settings (how a run is driven), or a field added since the run was
+  saved at the value it trained with, are no difference."""
   config, workdir = tiny_run
   changed = config.copy_and_resolve_references()
   changed.udi.alpha, changed.batch_size = 0.25, 32
@@ -306,3 +307,9 @@ def test_resuming_under_a_config_that_trains_differently_is_refused(tiny_run, tm
   longer['epochs'] += 1
   longer['eval']['knn']['ks'] = [5]
   assert run_config.differences(trained, longer) == []
+  # A run saved before udi.momentum_teacher_end existed trained with its value now: the same run.
+  older = json.loads(json.dumps(trained))
+  del older['udi']['momentum_teacher_end'], older['checkpoint_every_minutes']
+  assert run_config.differences(older, trained) == []
+  assert run_config.differences(older, {**trained, 'udi': {**trained['udi'], 'momentum_teacher_end': 0.996}}) == [
+      'udi.momentum_teacher_end: 1.0 -> 0.996']

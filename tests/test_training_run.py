@@ -44,7 +44,8 @@ def test_workdir_holds_config_metrics_events_and_checkpoints(tiny_run):
   assert json.loads((workdir / 'config.json').read_text())['batch_size'] == config.batch_size
   assert list(workdir.glob('events.out.tfevents.*'))
   logged = metrics_by_step(workdir)
-  assert sorted(logged) == list(range(1, TOTAL_STEPS + 1))
+  assert sorted(logged) == list(range(0, TOTAL_STEPS + 1))      # step 0: k-NN of the network at initialisation
+  assert 'loss' not in logged[0] and 'knn/cls/top1@20' in logged[0]
   for key in ('loss', 'loss/cls', 'loss/cls_plus', 'loss/patch', 'loss/g_patch', 'teacher_entropy/cls',
               'kl/cls', 'valid_fraction/global', 'centre_norm/patch', 'lr', 'weight_decay', 'momentum',
               'teacher_temp', 'grad_norm', 'update_norm', 'images_per_s', 'skipped_images',

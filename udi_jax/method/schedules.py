@@ -52,6 +52,7 @@ class Schedules:
   teacher_temp: float
   warmup_teacher_temp_epochs: int
   freeze_last_layer_epochs: int
+  momentum_teacher_end: float = 1.0      # where the EMA's cosine ends (official: 1)
 
   def __post_init__(self):
     if self.epochs <= 0:
@@ -59,6 +60,9 @@ class Schedules:
     if self.warmup_epochs > self.epochs:
       raise ValueError(f'config.optim.warmup_epochs={self.warmup_epochs} exceeds config.epochs={self.epochs}; '
                        'shorten the warm-up.')
+    if not 0 <= self.momentum_teacher <= 1 or not 0 <= self.momentum_teacher_end <= 1:
+      raise ValueError(f'The teacher momentum (config.udi.momentum_teacher={self.momentum_teacher}, '
+                       f'momentum_teacher_end={self.momentum_teacher_end}) must lie in [0, 1].')
     if self.teacher_temp <= 0 or self.warmup_teacher_temp <= 0:
       raise ValueError(f'The teacher temperatures (config.udi.warmup_teacher_temp={self.warmup_teacher_temp}, '
                        f'teacher_temp={self.teacher_temp}) must be positive.')
@@ -71,7 +75,7 @@ class Schedules:
                weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
                momentum_teacher=u.momentum_teacher, warmup_teacher_temp=u.warmup_teacher_temp,
                teacher_temp=u.teacher_temp, warmup_teacher_temp_epochs=u.warmup_teacher_temp_epochs,
-               freeze_last_layer_epochs=o.freeze_last_layer_epochs)
+               freeze_last_layer_epochs=o.freeze_last_layer_epochs, momentum_teacher_end=u.momentum_teacher_end)
 
   @property
   def total_steps(self) -> int:
@@ -85,7 +89,7 @@ class Schedules:
     return cosine_schedule(step, self.weight_decay, self.weight_decay_end, self.total_steps)
 
   def momentum(self, step):
-    return cosine_schedule(step, self.momentum_teacher, 1.0, self.total_steps)
+    return cosine_schedule(step, self.momentum_teacher, self.momentum_teacher_end, self.total_steps)
 
   def epoch(self, step):
     return jnp.asarray(step) // self.steps_per_epoch

@@ -29,6 +29,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store  # the default h
 
 from udi_jax.errors import UserError
 from udi_jax.mesh import data_mesh
+from udi_jax.train import run_config
 from udi_jax.train.state import TrainState, abstract_state
 from udi_jax.train.step import Trainer
 
@@ -246,7 +247,7 @@ def restore_run(path: str | pathlib.Path, step: Optional[int] = None,
     if config is None:      # the shapes: from the requested step's config, else the newest undamaged one's
       newest = step if step in checkpoints.steps() else (
           checkpoints.choose(checkpoints.steps()[::-1])[0] or checkpoints.steps()[-1])
-      config = ConfigDict(checkpoints.restore_config(newest))
+      config = ConfigDict(run_config.completed(checkpoints.restore_config(newest)))
     trainer = Trainer.from_config(config, steps_per_epoch=1)         # shapes only
     abstract = abstract_state(trainer.nets, trainer.tx, data_mesh())
     state, data_state, step, skipped = checkpoints.restore(abstract, step)

@@ -23,6 +23,8 @@ DRIVING = ('epochs', 'max_steps', 'log_every_steps', 'checkpoint_every_steps', '
            'keep_checkpoints', 'keep_every_epochs', 'init_from', 'parallel', 'eval', 'data.data_dir',
            'data.num_workers', 'data.num_threads', 'data.device_prefetch', 'data.crops_on', 'model.attention',
            'model.remat')
+# Fields added to the configs after runs were saved without them, with the value those runs trained with.
+LATER_FIELDS = {'udi.momentum_teacher_end': 1.0, 'checkpoint_every_minutes': 0.0}
 
 
 def _leaves(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -35,9 +37,21 @@ def _driving(path: str) -> bool:
   return any(path == d or path.startswith(d + '.') for d in DRIVING)
 
 
+def completed(saved: dict) -> dict:
+  """A saved config with the fields added since (LATER_FIELDS) at the values its run trained with."""
+  saved = json.loads(json.dumps(saved))
+  for path, value in LATER_FIELDS.items():
+    *parents, leaf = path.split('.')
+    node = saved
+    for part in parents:
+      node = node.setdefault(part, {})
+    node.setdefault(leaf, value)
+  return saved
+
+
 def differences(trained: dict, now: dict) -> list[str]:
   """'field: old -> new' for every field that changes what is trained."""
-  old, new = _leaves(trained), _leaves(now)
+  old, new = _leaves(completed(trained)), _leaves(now)
   return [f'{path}: {old.get(path, "(absent)")!r} -> {new.get(path, "(absent)")!r}'
           for path in sorted(set(old) | set(new)) if not _driving(path) and old.get(path) != new.get(path)]
 
