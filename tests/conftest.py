@@ -41,13 +41,15 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 import pytest  # noqa: E402
 
 # The costliest work units first, so that the two workers finish together (seconds of one unit alone on
-# the 2-core CI machine, cold: ~60, 45, 40 for the three subprocess tests marked slow, each its own unit so
+# the 2-core CI machine, cold: ~65, 60, 45, 40 for the four subprocess tests marked slow, each its own unit so
 # that they can run on different workers; then the shared run's tests and the modules, ~90 to 30).
-LONGEST_FIRST = ('test_device_check_runs_every_stage_on_the_cpu', 'test_colab_notebook_runs_end_to_end_on_the_cpu',
+LONGEST_FIRST = ('test_device_check_runs_every_stage_on_the_cpu',
+                 'test_reproduction_notebook_resumes_after_a_disconnect_and_finishes',
+                 'test_colab_notebook_runs_end_to_end_on_the_cpu',
                  'test_two_processes_over_localhost_equal_one_process', 'tiny_run', 'tests.test_run_anywhere',
                  'tests.test_training_run', 'tests.test_train_step', 'tests.test_models', 'tests.test_devices',
                  'tests.test_ablations', 'tests.test_objective_forms', 'tests.test_faults',
-                 'tests.test_golden_parity', 'tests.test_metrics_log')
+                 'tests.test_golden_parity', 'tests.test_reproduce', 'tests.test_metrics_log')
 
 
 def work_unit(item) -> str:

@@ -119,11 +119,16 @@ TINY_IMAGENETTE = {
     'eval.linear.epochs': 2, 'eval.knn_every_epochs': 1, 'log_every_steps': 1}
 
 
-def run_notebook(path: pathlib.Path, settings: dict, directory: pathlib.Path) -> tuple[list[dict], str]:
-  """Executes a notebook in a fresh kernel; (its outputs, their printed text)."""
+def run_notebook(path: pathlib.Path, settings: dict, directory: pathlib.Path, until: str = '') -> tuple[
+    list[dict], str]:
+  """Executes a notebook in a fresh kernel, up to the cell holding `until` if given (a session that ends
+  there); (its outputs, their printed text)."""
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')
   notebook = nbformat.read(path, as_version=4)
+  if until:
+    last = next(i for i, cell in enumerate(notebook.cells) if until in cell.source)
+    notebook.cells = notebook.cells[:last + 1]
   client = nbclient.NotebookClient(notebook, timeout=900, kernel_name='python3',
                                    resources={'metadata': {'path': str(directory)}})
   client.execute(env={**env(1), **settings})
@@ -135,13 +140,14 @@ def run_notebook(path: pathlib.Path, settings: dict, directory: pathlib.Path) ->
 @pytest.mark.slow
 def test_reproduction_notebook_resumes_after_a_disconnect_and_finishes(tmp_path):
   """The Imagenette notebook on the CPU, tfds' mock data in Imagenette's place and a tiny model: the first
-  session stops after 3 of 6 steps (as a disconnect would), the second finds the prepared data and the run
-  on the store, trains only steps 4-6, and ends with the curve, the table, the pictures and the export."""
+  session ends after 3 of 6 steps, in its training cell (as a disconnect would end it); the second finds
+  the prepared data and the run on the store, trains only steps 4-6, and ends with the curve, the table,
+  the pictures and the export."""
   store = tmp_path / 'store'
   settings = {'UDI_REPO': str(REPO), 'UDI_STORE': str(store), 'UDI_MOCK_DATA': '48'}
   notebook = REPO / 'launch' / 'colab_reproduce.ipynb'
   _, first = run_notebook(notebook, {**settings, 'UDI_OVERRIDES': json.dumps({**TINY_IMAGENETTE, 'max_steps': 3})},
-                          tmp_path)
+                          tmp_path, until='train_and_evaluate(')
   assert 'Training 6 steps (2 epochs x 3) from step 0 to step 3 (config.max_steps)' in first, first[-3000:]
   assert 'No accelerator: at this CPU\'s measured rate this run would take about' in first
   assert 'the run is not complete' in first
