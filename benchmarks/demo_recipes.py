@@ -31,7 +31,8 @@ BASE = {'optim.lr': 2e-3, 'udi.teacher_temp': 0.04, 'udi.warmup_teacher_temp': 0
         'udi.warmup_teacher_temp_epochs': 0, 'udi.momentum_teacher': 0.99, 'model.out_dim': 1024,
         'data.local_scale': (0.05, 0.25), 'data.global_scale': (0.25, 1.0), 'udi.include_patch': True,
         'model.num_cls_tokens': 2, 'data.blur_radius': (0.1, 2.0), 'data.augment': True,
-        'model.norm_last_layer': False, 'model.depth': 4, 'epochs': 20, 'batch_size': 64, 'data.flip_prob': 0.5}
+        'model.norm_last_layer': False, 'model.depth': 4, 'epochs': 20, 'batch_size': 64, 'data.flip_prob': 0.5,
+        'eval.knn_every_epochs': 0}
 DINO = {'udi.include_patch': False, 'model.num_cls_tokens': 1}     # the DINO baseline (docs/method.md §9)
 
 # name -> (what changes, overrides of BASE), in the order they were tried.

@@ -104,7 +104,7 @@ def test_colab_notebook_runs_end_to_end_on_the_cpu(tmp_path):
   for row in ('| raw pixels | - |', '| initialisation | cls |', '| pretrained teacher | cls_plus |'):
     assert row in tables[0], (row, tables[0])
   assert 'Dense: segdigits (96 training crops of 56 px, 32 whole validation images, 11 classes)' in tables[1], tables[1]
-  assert sum('image/png' in o.get('data', {}) for o in outputs) == 4
+  assert sum('image/png' in o.get('data', {}) for o in outputs) == 5      # the k-NN curve first
   assert 'model.load_state_dict(' in text
   assert (workdir / 'export' / 'udi_demo_timm.safetensors').is_file()
 

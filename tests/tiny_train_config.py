@@ -43,6 +43,7 @@ def get_config(arg=None):
   config.eval.batch_size = 64
   config.eval.linear.epochs = 20
   config.eval.report = False               # the shared run (conftest) writes the report itself
+  config.eval.knn_every_epochs = 0         # (the demo's curve) off: the shared run turns it on
   config.eval.dense.size = 16               # segdigits (the demo's dense source) at a 4x4 token grid
   config.eval.dense.max_train_examples = 48
   config.eval.dense.max_test_examples = 16
