@@ -235,11 +235,15 @@ def _initial_state(trainer: Trainer, run: RunSettings, checkpoints: Checkpoints,
 
 
 def _knn_now(config, nets, state: TrainState, step: int, log: MetricsLog):
+  started = metrics_log.clock()
   results, diagnosed = evaluation.during_training(config, nets, state)
-  log.write(step, {**{f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()}, **diagnosed})
+  seconds = metrics_log.clock() - started          # what the curve costs the run
+  log.write(step, {**{f'knn/{t}/{k}': v for t, r in results.items() for k, v in r.items()}, **diagnosed,
+                   'knn_seconds': seconds})
   if log.primary:
     k = knn_protocol.reported_k(config)
-    say(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}' for t, r in results.items()))
+    say(f'k-NN at step {step}: ' + ', '.join(f'{t} top-1@{k} {r[f"top1@{k}"]:.2f}' for t, r in results.items())
+        + f' ({seconds:.1f} s)')
 
 
 def _prepare(config) -> tuple[RunPlan, Source]:
