@@ -119,11 +119,12 @@ def estimate(config, num_examples: int = TRAIN_EXAMPLES) -> str:
 
 
 def curve(workdir: pathlib.Path, steps_per_epoch: int, include_patch: bool) -> Optional[pathlib.Path]:
-  """pictures/knn_curve.png of the run, with the published DINO and iBOT k-NN as lines."""
+  """pictures/knn_curve_vs_published.png: the run's k-NN curve with the published DINO and iBOT k-NN as lines
+  (the report's knn_curve.png has raw pixels instead)."""
   from udi_jax.evaluate.curves import draw_knn_curve
   references = {f'{m} (published)': PUBLISHED[m][0] for m in CURVE_LINES}
   method = 'UDI' if include_patch else 'DINO (this project)'
-  return draw_knn_curve(workdir / 'metrics.jsonl', workdir / 'pictures' / 'knn_curve.png', steps_per_epoch,
+  return draw_knn_curve(workdir / 'metrics.jsonl', workdir / 'pictures' / 'knn_curve_vs_published.png', steps_per_epoch,
                         references=references, title=f'{method}, Imagenette validation, 20-NN')
 
 
