@@ -19,6 +19,7 @@ from absl import app, flags, logging
 
 flags.DEFINE_string('only', '', 'Comma-separated study names (default: all).')
 flags.DEFINE_string('workdir', 'runs/demo_long_runs', 'Where the studies train.')
+flags.DEFINE_string('seeds', '0', 'Comma-separated seeds; seed s > 0 trains into WORKDIR/<name>_s<s>/.')
 FLAGS = flags.FLAGS
 
 PEAK_LR = 2e-3 * 64 / 256            # configs/demo.py: optim.lr per 256 images x batch 64
@@ -32,24 +33,33 @@ STUDIES = {
     'udi_40': ('40 epochs (the whole schedule in 40)', {'epochs': 40, 'eval.knn_every_epochs': 5}),
     'dino_100': ('plain DINO (1 token, no patch branch), 100 epochs',
                  {'epochs': 100, 'eval.knn_every_epochs': 10, 'udi.include_patch': False}),
+    # Runs of the demo's time budget (~8 min here): can the rise come sooner?
+    'udi_30_constant_lr': ('30 epochs, lr held at its peak (5e-4)',
+                           {'epochs': 30, 'eval.knn_every_epochs': 5, 'optim.min_lr': PEAK_LR}),
+    'udi_30_lr1e3': ('30 epochs, lr held at a peak of 1e-3 (2x)',
+                     {'epochs': 30, 'eval.knn_every_epochs': 5, 'optim.lr': 4e-3, 'optim.min_lr': 2 * PEAK_LR}),
+    'udi_30_batch32': ('30 epochs at batch 32 (2x the steps), lr held at a peak of 5e-4',
+                       {'epochs': 30, 'eval.knn_every_epochs': 5, 'batch_size': 32, 'optim.lr': 4e-3,
+                        'optim.min_lr': PEAK_LR}),
 }
 
 
-def run(name: str, root: pathlib.Path) -> dict:
+def run(name: str, root: pathlib.Path, seed: int = 0) -> dict:
   from configs import demo
   from udi_jax import sweep
   from udi_jax.evaluate.curves import knn_by_epoch, read_metrics
   from udi_jax.train.loop import train_and_evaluate
-  directory = root / name
+  directory = root / (name if seed == 0 else f'{name}_s{seed}')
   result_path = directory / 'result.json'
   if result_path.exists():
     return json.loads(result_path.read_text())
   config = sweep.apply(demo.get_config(), STUDIES[name][1])    # (DINO: one class token)
+  config.seed = seed
   config.eval.report = False
   started = time.time()
   trained = train_and_evaluate(config, directory)
   curve = knn_by_epoch(read_metrics(directory / 'metrics.jsonl'), trained.trainer.schedules.steps_per_epoch)
-  result = {'name': name, 'minutes': round((time.time() - started) / 60, 2), 'curve': curve}
+  result = {'name': name, 'seed': seed, 'minutes': round((time.time() - started) / 60, 2), 'curve': curve}
   result_path.write_text(json.dumps(result, indent=2))
   return result
 
@@ -57,14 +67,15 @@ def run(name: str, root: pathlib.Path) -> dict:
 def table(results: list[dict]) -> str:
   """Per study, the k-NN top-1 of `concat` (`cls` for DINO) at each evaluated epoch."""
   epochs = sorted({int(e) for r in results for points in r['curve'].values() for e, _ in points})
-  lines = ['| study | what changes | token | ' + ' | '.join(f'ep {e}' for e in epochs) + ' | gain | minutes |',
-           '|---|---|---|' + '---|' * (len(epochs) + 2)]
+  lines = ['| study | seed | what changes | token | ' + ' | '.join(f'ep {e}' for e in epochs) + ' | gain | minutes |',
+           '|---|---|---|---|' + '---|' * (len(epochs) + 2)]
   for r in results:
     token = 'concat' if 'concat' in r['curve'] else 'cls'
     at = {int(e): v for e, v in r['curve'][token]}
     cells = ' | '.join(f'{at[e]:.1f}' if e in at else '' for e in epochs)
     points = r['curve'][token]
-    lines.append(f"| {r['name']} | {STUDIES[r['name']][0]} | {token} | {cells} | {points[-1][1] - points[0][1]:+.1f} "
+    gain = points[-1][1] - points[0][1]
+    lines.append(f"| {r['name']} | {r.get('seed', 0)} | {STUDIES[r['name']][0]} | {token} | {cells} | {gain:+.1f} "
                  f"| {r['minutes']:.1f} |")
   return '\n'.join(lines)
 
@@ -76,7 +87,7 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for r in results:
     token = 'concat' if 'concat' in r['curve'] else 'cls'
-    ax.plot(*zip(*r['curve'][token]), marker='o', markersize=3, label=f"{r['name']} ({token})")
+    ax.plot(*zip(*r['curve'][token]), marker='o', markersize=3, label=f"{r['name']} s{r.get('seed', 0)} ({token})")
   ax.set_xlabel('epoch (0: initialisation)')
   ax.set_ylabel('k-NN top-1 % (k = 20)')
   ax.set_title('Demo (MNIST-5k, ViT 4 blocks, patch 7): k-NN during training')
@@ -93,7 +104,8 @@ def main(argv):
   if unknown:
     sys.exit(f'Unknown studies {unknown}; choose from {list(STUDIES)}.')
   root = pathlib.Path(FLAGS.workdir)
-  results = [run(name, root) for name in names]
+  seeds = [int(s) for s in FLAGS.seeds.split(',') if s]
+  results = [run(name, root, seed) for name in names for seed in seeds]
   text = table(results)
   root.mkdir(parents=True, exist_ok=True)
   (root / 'long_runs.md').write_text(text + '\n')
