@@ -139,6 +139,7 @@ def test_max_steps_stops_early_with_a_checkpoint_then_the_run_resumes_to_its_end
     ('eval.resize_ratio', 0.5, 'config.eval.resize_ratio=0.5 must be at least 1'),
     ('max_steps', -1, 'config.max_steps=-1 must be 0 (the whole schedule) or positive'),
     ('data.flip_prob', 1.5, 'config.data.flip_prob=1.5 must lie in [0, 1]'),
+    ('data.rotation_degrees', -5.0, 'config.data.rotation_degrees=-5.0 must lie in [0, 180]'),
 ])
 def test_more_bad_values_are_refused_before_anything_runs(field, value, message):
   """The same path as above (`check_config`, which `main` turns into one line and exit code 2), in-process."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 
 # Stream ids: one independent key family per purpose.
-STREAMS = {'sampling': 1, 'drop_path': 2, 'photometric': 3}
+STREAMS = {'sampling': 1, 'drop_path': 2, 'photometric': 3, 'geometric': 4}
 
 
 def example_keys(seed: int | jax.Array, step: jax.Array, index: jax.Array) -> jax.Array:

@@ -24,7 +24,8 @@ DRIVING = ('epochs', 'max_steps', 'log_every_steps', 'checkpoint_every_steps', '
            'data.num_workers', 'data.num_threads', 'data.device_prefetch', 'data.crops_on', 'model.attention',
            'model.remat')
 # Fields added to the configs after runs were saved without them, with the value those runs trained with.
-LATER_FIELDS = {'udi.momentum_teacher_end': 1.0, 'checkpoint_every_minutes': 0.0}
+LATER_FIELDS = {'udi.momentum_teacher_end': 1.0, 'checkpoint_every_minutes': 0.0,
+                'data.rotation_degrees': 0.0, 'data.translate_fraction': 0.0}
 
 
 def _leaves(tree: Any, prefix: str = '') -> dict[str, Any]:

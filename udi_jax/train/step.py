@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from udi_jax import rng
-from udi_jax.data import device_crops, photometric
+from udi_jax.data import device_crops, geometric, photometric
 from udi_jax.data.crops import CropSettings
 from udi_jax.mesh import DATA_AXIS
 from udi_jax.method.objective import ObjectiveSettings, udi_objective
@@ -50,6 +50,7 @@ class Trainer:
   seed: int
   photometric: Optional[photometric.PhotometricSettings] = photometric.PhotometricSettings()
   crop_sizes: Optional[tuple[int, int]] = None   # (global, local) sides: cut from 'canvas' on the device
+  geometric: Optional[geometric.GeometricSettings] = None   # small turns and shifts (off: the released recipe)
 
   @classmethod
   def from_config(cls, config, steps_per_epoch: int) -> 'Trainer':
@@ -59,22 +60,30 @@ class Trainer:
                         schedules.weight_decay_at, schedules.last_layer_trainable)
     augment = photometric.PhotometricSettings.from_config(config) if config.data.augment else None
     crops = CropSettings.from_config(config)
+    turns = geometric.GeometricSettings.from_config(config)
     return cls(nets=build_networks(config), objective=ObjectiveSettings.from_config(config),
                sampling=SamplingSettings.from_config(config), schedules=schedules, tx=tx, seed=config.seed,
                photometric=augment,
-               crop_sizes=(crops.global_size, crops.local_size) if crops.canvas_size else None)
+               crop_sizes=(crops.global_size, crops.local_size) if crops.canvas_size else None,
+               geometric=turns if turns.active else None)
 
 
-def _augment(images: jax.Array, keys: jax.Array, first_crop: int,
-             settings: Optional[photometric.PhotometricSettings]) -> jax.Array:
-  """uint8 (B, V, H, W, 3) -> float (B, V, H, W, 3); crop v of example b draws from fold_in(key_b, first+v)."""
+def _crop_keys(keys: jax.Array, first_crop: int, views: int) -> jax.Array:
+  """Keys (B * V,): crop v of example b draws from fold_in(key_b, first_crop + v)."""
+  return jax.vmap(lambda k: jax.vmap(lambda v: jax.random.fold_in(k, first_crop + v))(
+      jnp.arange(views)))(keys).reshape(-1)
+
+
+def _augment(images: jax.Array, keys: dict[str, jax.Array], first_crop: int, t: 'Trainer') -> jax.Array:
+  """uint8 (B, V, H, W, 3) -> float (B, V, H, W, 3): turns and shifts if asked, then the photometric ops."""
   batch, views = images.shape[:2]
   flat = images.reshape((batch * views,) + images.shape[2:])
-  if settings is None:
+  if t.geometric is not None:
+    flat = geometric.augment(flat, _crop_keys(keys['geometric'], first_crop, views), t.geometric)
+  if t.photometric is None:
     return photometric.preprocess(flat).reshape(images.shape)
-  crop_keys = jax.vmap(lambda k: jax.vmap(lambda v: jax.random.fold_in(k, first_crop + v))(
-      jnp.arange(views)))(keys).reshape(-1)
-  return photometric.augment(flat, crop_keys, settings).reshape(images.shape)
+  return photometric.augment(flat, _crop_keys(keys['photometric'], first_crop, views),
+                             t.photometric).reshape(images.shape)
 
 
 def global_norm(tree) -> jax.Array:
@@ -85,13 +94,13 @@ def step_body(t: Trainer, state: TrainState, batch: dict[str, jax.Array],
               axis_name: Optional[str] = None) -> tuple[TrainState, dict[str, Any]]:
   gsum = (lambda x: jax.lax.psum(x, axis_name)) if axis_name else (lambda x: x)
   keys = rng.example_keys(t.seed, state.step, batch['index'])
-  photo_keys = rng.stream(keys, 'photometric')
+  augment_keys = {name: rng.stream(keys, name) for name in ('geometric', 'photometric')}
   if t.crop_sizes is None:
     pixels_global, pixels_local = batch['global'], batch['local']
   else:
     pixels_global, pixels_local = device_crops.cut_batch(batch['canvas'], batch['windows'], *t.crop_sizes)
-  crops_global = _augment(pixels_global, photo_keys, 0, t.photometric)
-  crops_local = _augment(pixels_local, photo_keys, 2, t.photometric) if pixels_local.shape[1] else None
+  crops_global = _augment(pixels_global, augment_keys, 0, t)
+  crops_local = _augment(pixels_local, augment_keys, 2, t) if pixels_local.shape[1] else None
   samples = (draw_samples(batch['boxes'], rng.stream(keys, 'sampling'), t.sampling)
              if PATCH in t.nets.levels else None)
   temperature = t.schedules.teacher_temperature(state.step)
