@@ -41,6 +41,11 @@ STUDIES = {
     'udi_30_batch32': ('30 epochs at batch 32 (2x the steps), lr held at a peak of 5e-4',
                        {'epochs': 30, 'eval.knn_every_epochs': 5, 'batch_size': 32, 'optim.lr': 4e-3,
                         'optim.min_lr': PEAK_LR}),
+    'udi_30_digit_augment': ('30 epochs, lr held at 5e-4, augmentations that keep a digit: no flips, turns of up '
+                             'to 10°, shifts of up to 0.1', {'epochs': 30, 'eval.knn_every_epochs': 5,
+                                                              'optim.min_lr': PEAK_LR, 'data.flip_prob': 0.0,
+                                                              'data.rotation_degrees': 10.0,
+                                                              'data.translate_fraction': 0.1}),
 }
 
 
