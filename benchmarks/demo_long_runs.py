@@ -22,7 +22,11 @@ flags.DEFINE_string('workdir', 'runs/demo_long_runs', 'Where the studies train.'
 flags.DEFINE_string('seeds', '0', 'Comma-separated seeds; seed s > 0 trains into WORKDIR/<name>_s<s>/.')
 FLAGS = flags.FLAGS
 
-PEAK_LR = 2e-3 * 64 / 256            # configs/demo.py: optim.lr per 256 images x batch 64
+PEAK_LR = 2e-3 * 64 / 256            # the earlier demo's peak: optim.lr per 256 images x batch 64
+# The demo's recipe when these studies were run (20 epochs of batch 64, cosine lr): every study before
+# DEFAULT_STUDIES starts from it, whatever configs/demo.py says now.
+EARLIER_DEMO = {'batch_size': 64, 'epochs': 20, 'optim.lr': 2e-3, 'optim.min_lr': 1e-5, 'log_every_steps': 62}
+DINO = {'udi.include_patch': False}   # one class token follows (sweep.apply)
 # name -> (what changes, overrides of configs/demo.py).
 STUDIES = {
     'udi_100': ('the demo recipe for 100 epochs', {'epochs': 100, 'eval.knn_every_epochs': 10}),
@@ -32,7 +36,7 @@ STUDIES = {
                           {'epochs': 100, 'eval.knn_every_epochs': 10, 'udi.momentum_teacher_end': 0.996}),
     'udi_40': ('40 epochs (the whole schedule in 40)', {'epochs': 40, 'eval.knn_every_epochs': 5}),
     'dino_100': ('plain DINO (1 token, no patch branch), 100 epochs',
-                 {'epochs': 100, 'eval.knn_every_epochs': 10, 'udi.include_patch': False}),
+                 {'epochs': 100, 'eval.knn_every_epochs': 10, **DINO}),
     # Runs of the demo's time budget (~8 min here): can the rise come sooner?
     'udi_30_constant_lr': ('30 epochs, lr held at its peak (5e-4)',
                            {'epochs': 30, 'eval.knn_every_epochs': 5, 'optim.min_lr': PEAK_LR}),
@@ -47,6 +51,13 @@ STUDIES = {
                                                               'data.rotation_degrees': 10.0,
                                                               'data.translate_fraction': 0.1}),
 }
+STUDIES = {name: (what, {**EARLIER_DEMO, **changes}) for name, (what, changes) in STUDIES.items()}
+# Against configs/demo.py as it is (batch 32, lr held, 30 epochs; `long`: 60).
+DEFAULT_STUDIES = {
+    'dino_default': ('plain DINO with the default demo recipe', {**DINO, 'eval.knn_every_epochs': 5}),
+    'udi_long': ('configs/demo.py:long (60 epochs)', {'epochs': 60, 'eval.knn_every_epochs': 5}),
+}
+STUDIES.update(DEFAULT_STUDIES)
 
 
 def run(name: str, root: pathlib.Path, seed: int = 0) -> dict:

@@ -27,7 +27,8 @@ FLAGS = flags.FLAGS
 
 # The searched fields at their values before this search (configs/demo.py at f338f6e); every recipe sets
 # all of them, so each stays what it was whatever configs/demo.py says now.
-BASE = {'optim.lr': 2e-3, 'udi.teacher_temp': 0.04, 'udi.warmup_teacher_temp': 0.04,
+BASE = {'optim.lr': 2e-3, 'optim.min_lr': 1e-5, 'log_every_steps': 62, 'udi.teacher_temp': 0.04,
+        'udi.warmup_teacher_temp': 0.04,
         'udi.warmup_teacher_temp_epochs': 0, 'udi.momentum_teacher': 0.99, 'model.out_dim': 1024,
         'data.local_scale': (0.05, 0.25), 'data.global_scale': (0.25, 1.0), 'udi.include_patch': True,
         'model.num_cls_tokens': 2, 'data.blur_radius': (0.1, 2.0), 'data.augment': True,

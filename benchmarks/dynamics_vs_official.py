@@ -63,6 +63,7 @@ def regime_config():
   config = demo.get_config('mnist5k')
   config.batch_size, config.epochs, config.max_steps = 64, 20, STEPS
   config.optim.lr, config.optim.warmup_epochs, config.optim.freeze_last_layer_epochs = 2e-3, 1, 0
+  config.optim.min_lr = 1e-5
   config.udi.momentum_teacher, config.udi.teacher_temp, config.udi.warmup_teacher_temp_epochs = 0.99, 0.04, 0
   config.model.patch_size, config.model.embed_dim, config.model.depth, config.model.num_heads = 7, 64, 4, 2
   config.model.drop_path_rate, config.model.out_dim = 0.05, 1024

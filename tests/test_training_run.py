@@ -164,8 +164,20 @@ def test_every_config_has_every_field():
   reference = fields(vits16.get_config())
   assert 'model.depth' in reference
   for config in (vits16.get_config('official'), vitb16.get_config(), demo.get_config(), demo.get_config('digits'),
-                 tiny_train_config.get_config()):
+                 demo.get_config('long'), tiny_train_config.get_config()):
     assert fields(config) == reference
+
+
+def test_the_demo_holds_its_learning_rate_whatever_the_batch():
+  """configs/demo.py's floor lr is a reference to the peak (lr per 256 x batch / 256): it follows overrides."""
+  from configs import demo
+  from udi_jax.method.schedules import Schedules
+  config = demo.get_config()
+  config.batch_size, config.optim.lr = 64, 1e-3
+  schedules = Schedules.from_config(config, steps_per_epoch=10)
+  after_warmup = [float(schedules.learning_rate(s)) for s in range(10, 10 * config.epochs, 37)]
+  np.testing.assert_allclose(after_warmup, 1e-3 * 64 / 256, rtol=1e-6)
+  assert demo.get_config('long').epochs == 2 * demo.get_config().epochs
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
