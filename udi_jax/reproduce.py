@@ -107,7 +107,7 @@ def estimate(config, num_examples: int = TRAIN_EXAMPLES) -> str:
   flops = estimates.step_flops_per_image(config)
   if device.platform == 'cpu':
     return estimates.no_accelerator_sentence(config, flops, num_examples, 'configs/imagenette.py:quick',
-                                             'configs/demo.py, 5 minutes on a CPU')
+                                             'configs/demo.py, 8 minutes on a CPU')
   memory = estimates.step_memory(config)
   limit = (device.memory_stats() or {}).get('bytes_limit', 0) / 2 ** 30
   peak = peak_tflops(device) or next((r.peak_tflops for r in estimates.RUNTIMES
