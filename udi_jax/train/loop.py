@@ -342,6 +342,7 @@ def _run_steps(config, plan: RunPlan, train_step, state: TrainState, pipeline: I
       if stop:
         logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
         break
-      if end_of_epoch and run.knn_every_epochs and (step // steps_per_epoch) % run.knn_every_epochs == 0:
+      if (end_of_epoch and run.knn_every_epochs
+          and ((step // steps_per_epoch) % run.knn_every_epochs == 0 or step == end)):   # the curve ends at the end
         _knn_now(config, plan.trainer.nets, state, step, log)
   return state, step
