@@ -56,6 +56,10 @@ STUDIES = {name: (what, {**EARLIER_DEMO, **changes}) for name, (what, changes) i
 DEFAULT_STUDIES = {
     'dino_default': ('plain DINO with the default demo recipe', {**DINO, 'eval.knn_every_epochs': 5}),
     'udi_long': ('configs/demo.py:long (60 epochs)', {'epochs': 60, 'eval.knn_every_epochs': 5}),
+    'udi_held_ema': ('the default with the teacher momentum held at 0.996',
+                     {'udi.momentum_teacher_end': 0.996, 'eval.knn_every_epochs': 5}),
+    'udi_held_all': ('the default with the teacher momentum (0.996) and weight decay (0.04) held',
+                     {'udi.momentum_teacher_end': 0.996, 'optim.weight_decay_end': 0.04, 'eval.knn_every_epochs': 5}),
 }
 STUDIES.update(DEFAULT_STUDIES)
 
