@@ -25,7 +25,8 @@ FLAGS = flags.FLAGS
 PEAK_LR = 2e-3 * 64 / 256            # the earlier demo's peak: optim.lr per 256 images x batch 64
 # The demo's recipe when these studies were run (20 epochs of batch 64, cosine lr): every study before
 # DEFAULT_STUDIES starts from it, whatever configs/demo.py says now.
-EARLIER_DEMO = {'batch_size': 64, 'epochs': 20, 'optim.lr': 2e-3, 'optim.min_lr': 1e-5, 'log_every_steps': 62}
+EARLIER_DEMO = {'batch_size': 64, 'epochs': 20, 'optim.lr': 2e-3, 'optim.min_lr': 1e-5, 'log_every_steps': 62,
+                'udi.momentum_teacher_end': 1.0}
 DINO = {'udi.include_patch': False}   # one class token follows (sweep.apply)
 # name -> (what changes, overrides of configs/demo.py).
 STUDIES = {
@@ -52,13 +53,13 @@ STUDIES = {
                                                               'data.translate_fraction': 0.1}),
 }
 STUDIES = {name: (what, {**EARLIER_DEMO, **changes}) for name, (what, changes) in STUDIES.items()}
-# Against configs/demo.py as it is (batch 32, lr held, 30 epochs; `long`: 60).
+# Against configs/demo.py as it is (batch 32, lr and teacher momentum held, 30 epochs; `long`: 40).
 DEFAULT_STUDIES = {
     'dino_default': ('plain DINO with the default demo recipe', {**DINO, 'eval.knn_every_epochs': 5}),
-    'udi_long': ('configs/demo.py:long (60 epochs)', {'epochs': 60, 'eval.knn_every_epochs': 5}),
-    'udi_held_ema': ('the default with the teacher momentum held at 0.996',
+    'udi_long': ('configs/demo.py:long (40 epochs)', {'epochs': 40, 'eval.knn_every_epochs': 5}),
+    'udi_held_ema': ('the default: batch 32, lr and teacher momentum (0.996) held, 30 epochs',
                      {'udi.momentum_teacher_end': 0.996, 'eval.knn_every_epochs': 5}),
-    'udi_held_all': ('the default with the teacher momentum (0.996) and weight decay (0.04) held',
+    'udi_held_all': ('the default with the weight decay held too (at 0.04)',
                      {'udi.momentum_teacher_end': 0.996, 'optim.weight_decay_end': 0.04, 'eval.knn_every_epochs': 5}),
 }
 STUDIES.update(DEFAULT_STUDIES)

@@ -177,7 +177,7 @@ def test_the_demo_holds_its_learning_rate_whatever_the_batch():
   schedules = Schedules.from_config(config, steps_per_epoch=10)
   after_warmup = [float(schedules.learning_rate(s)) for s in range(10, 10 * config.epochs, 37)]
   np.testing.assert_allclose(after_warmup, 1e-3 * 64 / 256, rtol=1e-6)
-  assert demo.get_config('long').epochs == 2 * demo.get_config().epochs
+  assert demo.get_config('long').epochs > demo.get_config().epochs
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
