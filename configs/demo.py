@@ -10,7 +10,7 @@ learning rate held at its peak after the warm-up and the teacher's momentum held
 rise with steps, not with the decay, and a teacher whose momentum rises to 1 follows the student ever more
 slowly over the last third of a short run), teacher temperature 0.02 throughout, no frozen last layer.
 After training the run prints a k-NN table (raw pixels, the network at initialisation, the pretrained
-teacher's token 0, token 1 and both; the digits evaluated at their own 28 px), the k-NN curve (every 2
+teacher's token 0, token 1 and both; the digits evaluated at their own 28 px), the k-NN curve (every 5
 epochs) and attention pictures.
 
   python -m udi_jax.main --config=configs/demo.py
@@ -72,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.tokens = ('cls', 'cls_plus', 'concat')
   config.eval.resize_ratio = 1.0           # the 28-px digits at their own size (256/224 blurs them)
   config.eval.report = True                # k-NN table and pictures after training
-  config.eval.knn_every_epochs = 2         # the k-NN curve (pictures/knn_curve.png): ~1.3 s each, ~5 % of the run
+  config.eval.knn_every_epochs = 5         # the k-NN curve (pictures/knn_curve.png): ~1.3 s each, ~3 % of the run
   config.eval.dense.source = 'segdigits'   # the bundled synthetic segmentation set: digits on backgrounds
   config.eval.dense.size = 56              # 8x8 tokens
   config.eval.dense_linear.epochs = 10
