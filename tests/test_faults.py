@@ -307,9 +307,10 @@ def test_resuming_under_a_config_that_trains_differently_is_refused(tiny_run, tm
   longer['epochs'] += 1
   longer['eval']['knn']['ks'] = [5]
   assert run_config.differences(trained, longer) == []
-  # A run saved before udi.momentum_teacher_end existed trained with its value now: the same run.
+  # A run saved before udi.momentum_teacher_end (or the later fields) existed trained with their values now.
   older = json.loads(json.dumps(trained))
   del older['udi']['momentum_teacher_end'], older['checkpoint_every_minutes']
+  del older['data']['rotation_degrees'], older['data']['translate_fraction']
   assert run_config.differences(older, trained) == []
   assert run_config.differences(older, {**trained, 'udi': {**trained['udi'], 'momentum_teacher_end': 0.996}}) == [
       'udi.momentum_teacher_end: 1.0 -> 0.996']

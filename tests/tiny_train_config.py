@@ -15,6 +15,7 @@ def get_config(arg=None):
   config.model.patch_size = 4
   config.optim.warmup_epochs = 1
   config.optim.min_lr = 1e-5               # a cosine to the floor (the demo holds its peak)
+  config.udi.momentum_teacher_end = 1.0    # the released cosine to 1 (the demo holds 0.996)
   config.udi.warmup_teacher_temp_epochs = 2
   config.model.embed_dim = 32
   config.model.depth = 2
