@@ -1,11 +1,11 @@
-"""Small rotations and shifts of each crop on the accelerator, before the photometric ops (docs/data.md).
+"""Small rotations and shifts of each crop on the accelerator, before the photometric ops (docs/method.md §5.1).
 
 Not part of the released recipe (both ranges default to 0, and then the step skips this file's work):
 they are for data where a flip changes the meaning but a small turn or shift does not, such as digits.
 Each crop is turned by U(-d, d) degrees about its centre (positive: counter-clockwise, as PIL's
 `Image.rotate`) and shifted by U(-t, t) of its side along each axis, sampled bilinearly; what comes from
 outside the crop is black. The crop's box, and so its patch correspondences with the other views, stays
-the unrotated one: for the small ranges meant here a token moves by less than a patch (docs/data.md).
+the unrotated one: for the small ranges meant here a token moves by less than a patch (docs/method.md §5.1).
 Every draw comes from the crop's own key (docs/design.md, contract 2).
 """
 
